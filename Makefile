@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (a leaderboard on the default stream) and `make test`.
+# Each creates .venv when absent and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.clsuite-installed
+DEMO_STREAM     ?= tiny-synthetic
+DEMO_STRATEGIES ?= naive,sam
+DEMO_SEEDS      ?= 0,1
+
+.PHONY: setup demo test clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch and torchvision pinned together: avalanche-lib needs this torchvision, and peft imports with it.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/clsuite run --stream $(DEMO_STREAM) --strategies '$(DEMO_STRATEGIES)' --seeds $(DEMO_SEEDS) \
+		--out runs/demo --leaderboard leaderboards
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-runs:
+	rm -rf runs

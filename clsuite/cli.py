@@ -1,0 +1,141 @@
+"""The ``clsuite`` command line: run, list, leaderboard, show."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import DivergenceError, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Continual-learning benchmarks for language models.")
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=1e-4")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+@app.command()
+def run(
+    stream: str = typer.Option(..., help="built-in stream name or a stream .yaml file"),
+    strategies: str = typer.Option("naive", help="comma-separated specs, e.g. 'naive,sam(rho=0.05)+ewc'"),
+    seeds: str = typer.Option("0", help="comma-separated seeds"),
+    model: Optional[str] = typer.Option(None, help="registered model, hub id or local path (default: the stream's)"),
+    out: Path = typer.Option(Path("runs"), help="directory for run records"),
+    set_: list[str] = typer.Option([], "--set", help="training override KEY=VALUE (repeatable), e.g. --set steps=20"),
+    force: bool = typer.Option(False, help="re-run cells that already have a record"),
+    leaderboard: Optional[Path] = typer.Option(None, help="also publish a leaderboard under this directory"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Run every (strategy, seed) cell over a stream; each run writes one JSON record."""
+    from .runner import resolve_config, run_one
+    from .spec import split_specs
+    from .streams import load_stream
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
+    specs = split_specs(strategies)
+    s = load_stream(stream)
+    configs = [resolve_config(s, spec, seed, model, _overrides(set_)) for spec in specs for seed in seed_list]
+    failed = 0
+    for cfg in configs:
+        try:
+            path = run_one(s, cfg, out, progress=not quiet, force=force)
+            typer.echo(f"wrote {path}")
+        except DivergenceError as e:
+            failed += 1
+            typer.echo(f"run failed ({cfg.strategy}, seed {cfg.seed}): {e}", err=True)
+    if leaderboard is not None:
+        from .leaderboard import publish
+        for name, md in publish([out / s.name], leaderboard).items():
+            typer.echo(f"\n{name}  ({leaderboard / name / 'leaderboard.md'})\n{md}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("list")
+def list_(what: str = typer.Argument("all", help="streams | strategies | metrics | models | all")) -> None:
+    """List streams, strategies (kind, parameters, defaults), metrics and models."""
+    from . import benchmarks  # noqa: F401
+    from .metrics import METRICS
+    from .models import MODELS
+    from .strategy import STRATEGIES, _load_builtins
+    from .streams import builtin_stream_files
+    if what not in ("all", "streams", "strategies", "metrics", "models"):
+        raise UserError(f"cannot list {what!r}: choose streams, strategies, metrics, models or all")
+    if what in ("all", "streams"):
+        typer.echo("streams:")
+        for name, path in builtin_stream_files().items():
+            typer.echo(f"  {name:24s} {path}")
+    if what in ("all", "strategies"):
+        _load_builtins()
+        typer.echo("strategies:")
+        for name, cls in STRATEGIES.items():
+            params = ", ".join(f"{f.alias or k}={f.default!r}" for k, f in cls.Params.model_fields.items())
+            typer.echo(f"  {name:10s} [{cls.kind}] {cls.description}" + (f"\n{'':14s}params: {params}" if params else ""))
+    if what in ("all", "metrics"):
+        typer.echo("metrics:")
+        for m in METRICS.values():
+            typer.echo(f"  {m.name:16s} {'higher' if m.higher_is_better else 'lower'} is better: {m.description}")
+    if what in ("all", "models"):
+        typer.echo("models: " + ", ".join(MODELS.names()) + "  (or any hub id / local path)")
+
+
+@app.command()
+def leaderboard(
+    records: list[Path] = typer.Argument(..., help="run-record files or directories"),
+    out: Path = typer.Option(Path("leaderboards"), help="where <stream>/leaderboard.{md,csv,png} go"),
+    sort: str = typer.Option("acc", help="metric to rank by"),
+) -> None:
+    """Aggregate records (mean ± std over seeds) into ranked markdown and CSV tables."""
+    from .leaderboard import publish
+    for name, md in publish(records, out, sort).items():
+        typer.echo(f"{name}  ({out / name / 'leaderboard.md'})\n{md}\n")
+
+
+@app.command()
+def show(record: Path = typer.Argument(..., help="a run-record .json")) -> None:
+    """Print one run: its matrices, metrics and cost."""
+    from tabulate import tabulate
+    from .records import read_record
+    r = read_record(record)
+    typer.echo(f"{r.stream} | {r.strategy} | seed {r.seed} | model {r.model} | {r.status}")
+    if r.status == "failed":
+        typer.echo(f"error: {r.error}")
+        return
+    rows = [[f"after {r.tasks[i - 1]}" if i else "initial", *row, *p] for i, (row, p) in enumerate(zip(r.R, r.P))]
+    typer.echo(tabulate(rows, headers=["", *r.tasks, *[f"probe:{p}" for p in r.probes]], floatfmt=".3f"))
+    typer.echo(json.dumps({"metrics": r.metrics, "cost": r.cost, "wall_seconds": r.wall_seconds}, indent=1))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished runs are recorded; re-run the same command to continue", err=True)
+        sys.exit(130)
+    except Exception as e:
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # a click usage error (typer vendors click)
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Validated run configuration: training budget, evaluation settings, and what a run is made of."""
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(_Strict):
+    """How each experience is trained; a stream's ``train:`` block sets defaults, the CLI may override."""
+    optimizer: str = Field("AdamW", description="any torch.optim class name")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(100, ge=1, description="optimizer steps per experience")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step (split over grad_accum)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_length: int = Field(128, ge=8)
+
+    @pydantic.model_validator(mode="after")
+    def _divisible(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
+        return self
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+    max_examples: int | None = Field(None, ge=1, description="cap on eval examples per task")
+
+
+class RunConfig(_Strict):
+    """Everything that determines a run's numbers (with the code version and hardware, recorded beside it)."""
+    stream: str
+    strategy: str = "naive"
+    seed: int = 0
+    model: str | None = None
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def validated(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
+    """Build ``cls`` from ``data`` or raise a one-line UserError naming each bad field."""
+    try:
+        return cls(**data)
+    except pydantic.ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'value'}: {x['msg']}" for x in e.errors())
+        raise UserError(f"{where}: {errs}") from None

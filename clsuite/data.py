@@ -1,0 +1,65 @@
+"""Turn (prompt, target) examples into token tensors, and compute the training loss on target tokens."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def prompt_text(tok: Any, prompt: str, chat: bool) -> str:
+    """The text the model sees before its answer: the chat template when the stream asks for it."""
+    if chat:
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    return (tok.bos_token or "") + prompt
+
+
+def encode_pair(tok: Any, prompt: str, target: str, chat: bool, max_length: int,
+                eos: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of prompt and target, tokenized apart so training and scoring see the same split.
+
+    The prompt is cut from the left when the pair is longer than ``max_length``.
+    """
+    p = tok(prompt_text(tok, prompt, chat), add_special_tokens=False)["input_ids"]
+    t = tok(target, add_special_tokens=False)["input_ids"]
+    if eos and tok.eos_token_id is not None:
+        t = t + [tok.eos_token_id]
+    t = t[:max_length - 1]
+    p = p[-(max_length - len(t)):]
+    return p, t
+
+
+def collate(tok: Any, examples: list[dict], chat: bool, max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels = -100 on prompt and padding."""
+    pairs = [encode_pair(tok, e["prompt"], e["target"], chat, max_length) for e in examples]
+    width = max(len(p) + len(t) for p, t in pairs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (p, t) in enumerate(pairs):
+        n = len(p) + len(t)
+        ids[i, :n] = torch.tensor(p + t)
+        labels[i, len(p):n] = torch.tensor(t)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Per-example mean NLL of the target tokens, averaged over examples (``reduction='none'``: per example).
+
+    Averaging per example (not per token) makes k micro-batches of n examples equal one batch of k*n,
+    which keeps gradient accumulation and data parallelism exact.
+    """
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    per_example = nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
+    return per_example if reduction == "none" else per_example.mean()
+
+
+def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"] != -100).sum())

@@ -1,0 +1,105 @@
+"""Run records: one schema-versioned JSON file per run, written atomically and validated when read."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+
+
+class RunRecord(BaseModel):
+    """The schema every leaderboard input must satisfy (extra keys allowed for forward compatibility)."""
+    model_config = ConfigDict(extra="allow")
+    schema_version: Literal[1]
+    status: Literal["complete", "failed"]
+    stream: str
+    strategy: str
+    seed: int
+    model: str
+    config: dict[str, Any]
+    tasks: list[str]
+    probes: list[str]
+    probe_categories: dict[str, str] = {}
+    R: list[list[float]]
+    P: list[list[float]]
+    metrics: dict[str, float | None]
+    cost: dict[str, float | int | None] = {}
+    experiences: list[dict[str, Any]] = []
+    provenance: dict[str, Any] = {}
+    error: str | None = None
+    wall_seconds: float | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _shapes(self) -> "RunRecord":
+        if self.status == "complete":
+            t = len(self.tasks)
+            if len(self.R) != t + 1 or any(len(r) != t for r in self.R):
+                raise ValueError(f"R must be {t + 1} x {t} for {t} tasks")
+            if len(self.P) != t + 1 or any(len(r) != len(self.probes) for r in self.P):
+                raise ValueError(f"P must be {t + 1} x {len(self.probes)}")
+            if any(not math.isfinite(x) for row in self.R + self.P for x in row):
+                raise ValueError("R and P must hold finite numbers")
+        return self
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a strategy spec."""
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text.replace(", ", ",")).strip("_")[:120]
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(path: Path) -> RunRecord:
+    """Parse and validate one record; malformed files raise a UserError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"record {path} not found: give a run record .json written by 'clsuite run'") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"record {path} is not valid JSON ({e}); remove it or re-run that cell") from None
+    if not isinstance(data, dict):
+        raise UserError(f"record {path} must be a JSON object, got {type(data).__name__}")
+    try:
+        return RunRecord(**data)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "record"
+        raise UserError(f"record {path} does not match the run-record schema v{SCHEMA_VERSION}: "
+                        f"{where}: {first['msg']}") from None
+
+
+def find_records(paths: list[Path]) -> list[Path]:
+    """Record files under the given files or directories (hidden temp files skipped)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*.json") if not q.name.startswith("."))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise UserError(f"{p} does not exist: give run-record files or directories of them")
+    return out

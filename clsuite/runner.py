@@ -1,0 +1,76 @@
+"""One run = (stream, strategy spec, seed): build everything, run the stream, write the record atomically."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig, TrainConfig, EvalConfig, validated
+from .engine import Context, run_stream, set_seed
+from .errors import DivergenceError, UserError
+from .metrics import compute_metrics
+from .models import load_model
+from .provenance import provenance
+from .records import SCHEMA_VERSION, atomic_write_json, read_record, slug
+from .strategy import build_strategy, canonical_spec
+from .streams import Stream, load_stream
+
+
+def resolve_config(stream: Stream, strategy: str, seed: int, model: str | None = None,
+                   train: dict[str, Any] | None = None, eval: dict[str, Any] | None = None) -> RunConfig:
+    """The stream's defaults overlaid with the caller's settings, validated."""
+    tc = validated(TrainConfig, {**stream.train, **(train or {})}, f"training settings of stream {stream.name}")
+    ec = validated(EvalConfig, {**stream.eval, **(eval or {})}, f"evaluation settings of stream {stream.name}")
+    return RunConfig(stream=stream.name, strategy=canonical_spec(strategy), seed=seed,
+                     model=model or stream.model, train=tc, eval=ec)
+
+
+def record_path(out: Path, cfg: RunConfig) -> Path:
+    return Path(out) / slug(cfg.stream) / slug(cfg.strategy) / f"seed{cfg.seed}.json"
+
+
+def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, force: bool = False) -> Path:
+    """Run one cell and write its record; an existing complete record for the same config is kept (resumable)."""
+    path = record_path(out, cfg)
+    if path.exists() and not force:
+        old = read_record(path)
+        if old.config == cfg.model_dump() and old.status == "complete":
+            if progress:
+                print(f"skip {cfg.strategy} seed {cfg.seed}: already recorded in {path}")
+            return path
+        if old.config != cfg.model_dump():
+            raise UserError(f"{path} holds a run with other settings; use another --out or --force to replace it")
+    set_seed(cfg.seed)
+    plugins = build_strategy(cfg.strategy)
+    t0 = time.perf_counter()
+    model, tok = load_model(cfg.model)
+    ctx = Context(model, tok, stream, cfg, plugins, random.Random(cfg.seed))
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "status": "complete", "stream": cfg.stream, "strategy": cfg.strategy,
+        "seed": cfg.seed, "model": cfg.model, "config": cfg.model_dump(),
+        "tasks": [t.name for t in stream.tasks], "probes": [p.name for p in stream.probes],
+        "probe_categories": {p.name: p.category for p in stream.probes},
+    }
+    try:
+        result = run_stream(ctx, progress)
+    except DivergenceError as e:
+        record.update(status="failed", error=str(e), R=[], P=[], metrics={}, provenance=provenance(),
+                      wall_seconds=time.perf_counter() - t0)
+        atomic_write_json(path, record)
+        raise
+    rows = result["rows"]
+    R = [[r["tasks"][t]["score"] for t in record["tasks"]] for r in rows]
+    P = [[r["probes"][p]["score"] for p in record["probes"]] for r in rows]
+    steps = cfg.train.steps * len(stream.tasks)
+    record.update(
+        R=R, P=P, metrics=compute_metrics(R, P), details=rows, experiences=result["experiences"],
+        cost={"compute_multiplier": ctx.example_passes / (steps * cfg.train.batch_size),
+              "extra_memory_bytes": sum(p.extra_memory_bytes() for p in plugins),
+              "trainable_parameters": sum(p.numel() for p in ctx.trainable_parameters()),
+              "parameters": sum(p.numel() for p in ctx.model.parameters())},
+        provenance=provenance(), wall_seconds=time.perf_counter() - t0)
+    atomic_write_json(path, record)
+    return path

@@ -1,0 +1,135 @@
+"""Scorers: exact match of greedy generation, multiple choice by log-likelihood, mean target log-likelihood.
+
+Each takes the model, tokenizer and a list of examples and returns a dict whose ``score`` is the number
+that enters the accuracy matrix; other keys are kept beside it in the run record.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import collate, encode_pair, prompt_text
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class Scorer:
+    fn: Callable[..., dict[str, float]]
+    higher_is_better: bool
+    description: str
+
+
+SCORERS: Registry[Scorer] = Registry("scorer")
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _pad_id(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+@torch.no_grad()
+def exact_match(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int) -> dict[str, float]:
+    """Greedy generation; an answer counts when it equals the target after stripping white space."""
+    dev = next(model.parameters()).device
+    hits = 0
+    for chunk in _batches(examples, batch_size):
+        pairs = [encode_pair(tok, e["prompt"], e["target"], chat, max_length) for e in chunk]
+        ids, mask = _left_pad([p for p, _ in pairs], _pad_id(tok))
+        new = max(len(t) for _, t in pairs) + 1
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
+                             do_sample=False, pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id)
+        texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        hits += sum(t.strip() == e["target"].strip() for t, e in zip(texts, chunk))
+    return {"score": hits / len(examples)}
+
+
+@torch.no_grad()
+def choice_logliks(model, tok, examples: list[dict], chat: bool, max_length: int,
+                   batch_size: int) -> list[list[float]]:
+    """Summed log-likelihood of each choice; the prompt runs once per question and its cache is shared."""
+    dev = next(model.parameters()).device
+    pad = _pad_id(tok)
+    result: list[list[float]] = []
+    for chunk in _batches(examples, batch_size):
+        prompts, choices = [], []
+        for e in chunk:
+            p, _ = encode_pair(tok, e["prompt"], "", chat, max_length, eos=False)
+            prompts.append(p)
+            choices.append([tok(c, add_special_tokens=False)["input_ids"] or [pad] for c in e["choices"]])
+        ids, pmask = _left_pad(prompts, pad)
+        ids, pmask = ids.to(dev), pmask.to(dev)
+        pos = (pmask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True)
+        first = F.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's first token
+        k = max(len(c) for c in choices)
+        flat = [(b, c) for b, cs in enumerate(choices) for c in cs + [[pad]] * (k - len(cs))]
+        width = max(len(c) for _, c in flat)
+        cids = torch.full((len(flat), width), pad, dtype=torch.long, device=dev)
+        cmask = torch.zeros_like(cids)
+        for i, (_, c) in enumerate(flat):
+            cids[i, :len(c)] = torch.tensor(c, device=dev)
+            cmask[i, :len(c)] = 1
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(k)
+        start = pmask.sum(-1).repeat_interleave(k)[:, None]
+        cpos = start + torch.arange(width, device=dev)[None]
+        full_mask = torch.cat([pmask.repeat_interleave(k, 0), cmask], dim=1)
+        logits = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos, past_key_values=cache).logits
+        logp = F.log_softmax(logits.float(), -1)
+        tok_lp = torch.cat([first.repeat_interleave(k, 0).gather(1, cids[:, :1]),
+                            logp[:, :-1].gather(2, cids[:, 1:, None]).squeeze(-1)], dim=1)
+        total = (tok_lp * cmask).sum(1).view(len(chunk), k)
+        result.extend(total[b, :len(cs)].tolist() for b, cs in enumerate(choices))
+    return result
+
+
+def multiple_choice(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int) -> dict[str, float]:
+    """Accuracy of the highest-likelihood choice; also the mean log-likelihood of the gold answer."""
+    ll = choice_logliks(model, tok, examples, chat, max_length, batch_size)
+    gold = [e["answer"] for e in examples]
+    acc = sum(max(range(len(s)), key=s.__getitem__) == g for s, g in zip(ll, gold)) / len(examples)
+    return {"score": acc, "gold_loglik": sum(s[g] for s, g in zip(ll, gold)) / len(examples)}
+
+
+@torch.no_grad()
+def loglik(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int) -> dict[str, float]:
+    """Mean per-token log-likelihood of the target (higher is better); perplexity beside it."""
+    from .data import lm_loss
+    total = 0.0
+    for chunk in _batches(examples, batch_size):
+        total += float(lm_loss(model, collate(tok, chunk, chat, max_length), reduction="none").sum())
+    nll = total / len(examples)
+    return {"score": -nll, "perplexity": float(torch.exp(torch.tensor(nll)))}
+
+
+SCORERS.register("exact_match", Scorer(exact_match, True, "greedy generation equals the target"))
+SCORERS.register("multiple_choice", Scorer(multiple_choice, True, "choice with the highest log-likelihood"),
+                 aliases=("mc",))
+SCORERS.register("loglik", Scorer(loglik, True, "mean token log-likelihood of the target"))
+
+
+def score(name: str, model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int) -> dict[str, float]:
+    """Score ``examples`` with the named scorer, the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return SCORERS.get(name).fn(model, tok, examples, chat, max_length, batch_size)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,8 @@
+"""Plain fine-tuning: no plugin changes the engine's default loop."""
+from clsuite.strategy import Strategy, register
+
+
+@register("naive", aliases=("finetune",))
+class Naive(Strategy):
+    kind = "base"
+    description = "plain fine-tuning on each task in turn (the forgetting baseline)"

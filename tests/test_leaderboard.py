@@ -1,0 +1,26 @@
+import pandas as pd
+
+from clsuite.leaderboard import aggregate, frame, to_markdown
+from clsuite.records import RunRecord
+
+
+def _rec(strategy, seed, acc, forgetting):
+    return RunRecord(schema_version=1, status="complete", stream="s", strategy=strategy, seed=seed, model="m",
+                     config={}, tasks=["a", "b"], probes=[], R=[[0, 0], [1, 0], [acc, acc]], P=[[], [], []],
+                     metrics={"acc": acc, "forgetting": forgetting}, cost={"compute_multiplier": 1.0})
+
+
+def test_mean_std_and_rank():
+    recs = [_rec("naive", 0, 0.2, 0.5), _rec("naive", 1, 0.4, 0.3), _rec("sam", 0, 0.9, 0.1)]
+    agg = aggregate(frame(recs), "acc")
+    assert list(agg["strategy"]) == ["sam", "naive"]
+    naive = agg[agg.strategy == "naive"].iloc[0]
+    assert naive["n"] == 2 and abs(naive["acc"] - 0.3) < 1e-12 and abs(naive["acc_std"] - 0.1414213) < 1e-6
+    assert pd.isna(agg[agg.strategy == "sam"].iloc[0]["acc_std"])
+    by_forgetting = aggregate(frame(recs), "forgetting")
+    assert list(by_forgetting["strategy"]) == ["sam", "naive"]  # lower is better
+
+
+def test_markdown_escapes_untrusted_text():
+    md = to_markdown(aggregate(frame([_rec("x|<script>", 0, 0.5, 0.1)])))
+    assert "<script>" not in md and "&lt;script&gt;" in md and "x&#124;" in md
