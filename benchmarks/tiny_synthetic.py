@@ -24,7 +24,7 @@ CHARS = string.digits + string.ascii_lowercase + " +-=:,;?|>"
 LETTERS = "abcdefghij"  # the tasks' alphabet: small, so a tiny model learns them in a few dozen steps
 MODEL_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True)
-PRETRAIN = dict(steps=500, batch_size=64, lr=3e-3, seed=0, n_per_skill=4000)
+PRETRAIN = dict(steps=800, batch_size=64, lr=3e-3, seed=0, n_per_skill=4000)
 
 
 def _word(rng: random.Random, lo: int = 2, hi: int = 5, alphabet: str = LETTERS) -> str:
@@ -57,24 +57,24 @@ GENERAL: dict[str, Callable] = {"copy": _copy, "next": _succ, "max": _maxd, "cou
 
 # --- the stream's tasks: distinct skills -----------------------------------------------------------------
 def _add(rng):
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 49), rng.randint(0, 9)
     return f"{a}+{b}=", str(a + b)
 
 
 def _rev(rng):
-    w = _word(rng, 2, 5)
+    w = _word(rng, 2, 4)
     return f"rev {w}:", w[::-1]
 
 
 def _sort(rng):
-    w = _word(rng, 2, 5)
+    w = _word(rng, 2, 4)
     return f"sort {w}:", "".join(sorted(w))
 
 
 def _recall(rng):
-    keys = rng.sample(LETTERS, 3)
+    keys = rng.sample(LETTERS, 2)
     vals = [str(rng.randint(0, 9)) for _ in keys]
-    q = rng.randrange(3)
+    q = rng.randrange(2)
     return ",".join(f"{k}={v}" for k, v in zip(keys, vals)) + f";{keys[q]}?", vals[q]
 
 
@@ -82,7 +82,7 @@ _CIPHER = dict(zip(LETTERS, "qwertyuiop"))
 
 
 def _cipher(rng):
-    w = _word(rng, 2, 5)
+    w = _word(rng, 2, 4)
     return f"enc {w}:", "".join(_CIPHER[c] for c in w)
 
 

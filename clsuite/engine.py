@@ -39,6 +39,7 @@ class Context:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     step: int = 0
+    batch: dict[str, torch.Tensor] | None = None  # the micro-batch being processed (for batch-dependent loss terms)
     example_passes: int = 0  # examples through a forward+backward pass, all plugins' extra work included
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,8 +132,8 @@ def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
         def closure() -> torch.Tensor:
             ctx.optimizer.zero_grad(set_to_none=True)
             total = torch.zeros(())
-            for b in micro:
-                loss = lm_loss(ctx.model, b)
+            for ctx.batch in micro:
+                loss = lm_loss(ctx.model, ctx.batch)
                 for p in ctx.plugins:
                     term = p.before_backward(ctx)
                     if term is not None:
