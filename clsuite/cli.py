@@ -1,4 +1,4 @@
-"""The ``clsuite`` command line: run, list, leaderboard, show."""
+"""The ``clsuite`` command line: run, list, leaderboard, show, landscape, correlate."""
 from __future__ import annotations
 
 import json
@@ -117,6 +117,43 @@ def show(record: Path = typer.Argument(..., help="a run-record .json")) -> None:
     rows = [[f"after {r.tasks[i - 1]}" if i else "initial", *row, *p] for i, (row, p) in enumerate(zip(r.R, r.P))]
     typer.echo(tabulate(rows, headers=["", *r.tasks, *[f"probe:{p}" for p in r.probes]], floatfmt=".3f"))
     typer.echo(json.dumps({"metrics": r.metrics, "cost": r.cost, "wall_seconds": r.wall_seconds}, indent=1))
+
+
+@app.command()
+def landscape(
+    stream: str = typer.Option(..., help="built-in stream name or a stream .yaml file"),
+    task: str = typer.Option(..., help="name of a task or probe of the stream"),
+    checkpoint: Optional[Path] = typer.Option(None, help="a save_pretrained directory (weights + tokenizer); "
+                                              "run records carry no weights"),
+    model: Optional[str] = typer.Option(None, help="registered model, hub id or local path (default: the stream's)"),
+    split: str = typer.Option("eval", help="eval | train"),
+    n: int = typer.Option(32, "--n", help="examples: the first n rows of the split"),
+    grid: int = typer.Option(11, help="points per axis of the 2-D surface (>= 3)"),
+    span: float = typer.Option(1.0, help="the surface covers [-span, span]^2 in filter-normalized directions"),
+    line_steps: int = typer.Option(0, help="points of an extra 1-D surface along direction 1 (0: none)"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default: landscapes/<stream>/<model>)"),
+    seed: int = typer.Option(0, help="seed of the random directions and estimators"),
+    quiet: bool = typer.Option(False, help="no progress bars"),
+) -> None:
+    """Loss surface (contour + 3-D PNG, JSON) and sharpness scalars of a model on one task."""
+    from .landscape import landscape as compute
+    r = compute(stream, task, checkpoint, model, split, n, grid, span, out, seed, line_steps, progress=not quiet)
+    typer.echo(json.dumps({"surface_sharpness": r["surface_sharpness"], "sharpness": r["sharpness"]}, indent=1))
+    for path in [*r["pngs"], r["json"]]:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def correlate(
+    records: list[Path] = typer.Argument(..., help="run-record files or directories (runs with sharpness)"),
+    out: Path = typer.Option(Path("correlations"), help="where correlation.{csv,md,png} and runs.csv go"),
+) -> None:
+    """Correlate sharpness with forgetting across runs: Spearman (bootstrap CI), Pearson, scatter plots."""
+    from .landscape import correlate as compute
+    r = compute(records, out)
+    typer.echo(r["markdown"])
+    for path in r["files"].values():
+        typer.echo(f"wrote {path}")
 
 
 def main() -> None:

@@ -51,7 +51,8 @@ class Context:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        return collate(self.tokenizer, examples, self.stream.chat, self.config.train.max_length)
+        chat = self.task.chat if self.task is not None else self.stream.chat
+        return collate(self.tokenizer, examples, chat, self.config.train.max_length)
 
     def loss(self, examples: list[dict], reduction: str = "mean") -> torch.Tensor:
         """The task loss of ``examples`` under the current model (used by plugins, e.g. EWC's Fisher)."""
@@ -115,7 +116,8 @@ def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
     for p in ctx.plugins:
         data = p.train_dataset_adaptation(ctx, data)
     ctx.train_data = data
-    ctx.optimizer = make_optimizer(ctx.trainable_parameters(), cfg)
+    params = ctx.trainable_parameters()
+    ctx.optimizer = make_optimizer(params, cfg)
     ctx.scheduler = make_scheduler(ctx.optimizer, cfg)
     gen = torch.Generator().manual_seed(ctx.config.seed * 1000 + ctx.experience)
     batches = _batches(data, cfg.batch_size, gen)
@@ -157,6 +159,7 @@ def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
         if ctx.step % 10 == 0:
             bar.set_postfix(loss=f"{value:.3f}")
     return {"task": ctx.task.name, "steps": cfg.steps, "tokens": tokens, "train_seconds": time.perf_counter() - start,
+            "trainable_parameters": sum(p.numel() for p in params),
             "first_loss": losses[0], "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
             "loss_curve": losses[:: max(1, len(losses) // 50)]}
 
@@ -167,7 +170,7 @@ def evaluate(ctx: Context, tasks: list[Task]) -> dict[str, dict[str, float]]:
     out = {}
     for t in tasks:
         rows = t.eval if ecfg.max_examples is None else t.eval.select(range(min(len(t.eval), ecfg.max_examples)))
-        out[t.name] = score(t.scorer, ctx.model, ctx.tokenizer, list(rows), ctx.stream.chat, ecfg.max_length,
+        out[t.name] = score(t.scorer, ctx.model, ctx.tokenizer, list(rows), t.chat, ecfg.max_length,
                             ecfg.batch_size)
     return out
 

@@ -11,6 +11,8 @@ from .errors import UserError
 from .metrics import METRICS
 from .records import RunRecord, find_records, read_record
 
+# Columns of the markdown table (the CSV keeps every metric).
+SHOWN = ("acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_fg")
 COST = {"compute_multiplier": ("compute ×", False), "extra_memory_bytes": ("extra MiB", False)}
 
 
@@ -52,7 +54,7 @@ def _escape(text: str) -> str:
 
 def to_markdown(agg: pd.DataFrame, digits: int = 3) -> str:
     headers, cols = ["rank", "strategy", "n"], []
-    for m in [m for m in METRICS if m in agg.columns]:
+    for m in [m for m in SHOWN if m in agg.columns]:
         arrow = "↑" if METRICS[m].higher_is_better else "↓"
         headers.append(f"{m} {arrow}")
         cols.append(m)

@@ -40,9 +40,14 @@ class Registry(Generic[T]):
         for ep in entry_points(group=self.group):
             if ep.name in self._items:
                 continue  # the module was already imported and registered itself
-            obj = ep.load()  # importing registers it when the target uses the decorator
-            if ep.name not in self._items and ep.name not in self._aliases:
-                self.register(ep.name, obj)
+            where = f"{ep.value} (package {ep.dist.name if ep.dist else '?'})"
+            try:
+                obj = ep.load()  # importing registers it when the target uses the decorator
+                if ep.name not in self._items and ep.name not in self._aliases:
+                    self.register(ep.name, obj)
+            except (ImportError, AttributeError, TypeError, ValueError) as e:
+                raise UserError(f"{self.kind} plugin {ep.name!r} from {where} cannot be loaded: {e}; "
+                                "fix or uninstall that package") from None
 
     def names(self) -> list[str]:
         self._load_entry_points()

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+import pydantic
 
 from .config import RunConfig, TrainConfig, EvalConfig, validated
 from .engine import Context, run_stream, set_seed
@@ -16,7 +16,7 @@ from .models import load_model
 from .provenance import provenance
 from .records import SCHEMA_VERSION, atomic_write_json, read_record, slug
 from .strategy import build_strategy, canonical_spec
-from .streams import Stream, load_stream
+from .streams import Stream
 
 
 def resolve_config(stream: Stream, strategy: str, seed: int, model: str | None = None,
@@ -37,12 +37,16 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
     path = record_path(out, cfg)
     if path.exists() and not force:
         old = read_record(path)
-        if old.config == cfg.model_dump() and old.status == "complete":
+        try:  # validated, so settings added to clsuite since that run compare at their defaults
+            same = RunConfig.model_validate(old.config) == cfg
+        except pydantic.ValidationError:
+            same = False
+        if not same:
+            raise UserError(f"{path} holds a run with other settings; use another --out or --force to replace it")
+        if old.status == "complete":
             if progress:
                 print(f"skip {cfg.strategy} seed {cfg.seed}: already recorded in {path}")
             return path
-        if old.config != cfg.model_dump():
-            raise UserError(f"{path} holds a run with other settings; use another --out or --force to replace it")
     set_seed(cfg.seed)
     plugins = build_strategy(cfg.strategy)
     t0 = time.perf_counter()
@@ -69,7 +73,9 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
         R=R, P=P, metrics=compute_metrics(R, P), details=rows, experiences=result["experiences"],
         cost={"compute_multiplier": ctx.example_passes / (steps * cfg.train.batch_size),
               "extra_memory_bytes": sum(p.extra_memory_bytes() for p in plugins),
-              "trainable_parameters": sum(p.numel() for p in ctx.trainable_parameters()),
+              # what the optimizer trained (largest over experiences): after lora(mode=merge) the model holds
+              # no adapter any more, so counting ctx.trainable_parameters() after the run would be wrong
+              "trainable_parameters": max(e["trainable_parameters"] for e in result["experiences"]),
               "parameters": sum(p.numel() for p in ctx.model.parameters())},
         provenance=provenance(), wall_seconds=time.perf_counter() - t0)
     atomic_write_json(path, record)

@@ -96,15 +96,26 @@ class Strategy:
         return f"{self.name}({args})"
 
 
-STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "clsuite.strategies", base=Strategy)
+class _StrategyRegistry(Registry):
+    """Every entry gets a name and a checked kind, also a bare class that only an entry point names."""
+
+
+    def register(self, name: str, obj: type[Strategy], aliases: tuple[str, ...] = ()) -> type[Strategy]:
+        if isinstance(obj, type) and issubclass(obj, Strategy):
+            if obj.kind not in KINDS:
+                raise TypeError(f"strategy {name!r} has kind {obj.kind!r}; use one of {KINDS}")
+            if not vars(obj).get("name"):  # not set by @register or by the class itself
+                obj.name = name
+        return super().register(name, obj, aliases)
+
+
+STRATEGIES: Registry[type[Strategy]] = _StrategyRegistry("strategy", "clsuite.strategies", base=Strategy)
 
 
 def register(name: str, aliases: tuple[str, ...] = ()) -> Callable[[type[Strategy]], type[Strategy]]:
     """Class decorator: ``@register("ewc")`` adds a Strategy subclass to the registry."""
 
     def wrap(cls: type[Strategy]) -> type[Strategy]:
-        if cls.kind not in KINDS:
-            raise TypeError(f"strategy {name!r} has kind {cls.kind!r}; use one of {KINDS}")
         cls.name = name
         return STRATEGIES.register(name, cls, aliases)
 

@@ -29,6 +29,7 @@ class Task:
     eval: Dataset
     scorer: str
     category: str = ""
+    chat: bool = False  # format prompts with the tokenizer's chat template
 
 
 @dataclass
@@ -141,7 +142,7 @@ def _load_source(src: dict, seed: int, where: str) -> dict[str, Dataset]:
     return dict(ds) if isinstance(ds, DatasetDict) else {"train": ds}
 
 
-def _build_task(spec: dict, seed: int, probe: bool, where: str) -> Task:
+def _build_task(spec: dict, seed: int, probe: bool, where: str, chat: bool = False) -> Task:
     for key in ("name", "source", "scorer"):
         if key not in spec:
             raise UserError(f"{where}: missing '{key}:' (a task needs name, source and scorer)")
@@ -160,7 +161,8 @@ def _build_task(spec: dict, seed: int, probe: bool, where: str) -> Task:
     if spec.get("max_eval"):
         ev = ev.select(range(min(len(ev), int(spec["max_eval"]))))
     tr = None if probe else _format_rows(splits[train_split], spec, where)
-    return Task(spec["name"], tr, ev, spec["scorer"], spec.get("category", ""))
+    return Task(spec["name"], tr, ev, spec["scorer"], spec.get("category", ""),
+                bool(spec.get("chat_template", chat)))
 
 
 def load_stream(name_or_path: str) -> Stream:
@@ -170,10 +172,13 @@ def load_stream(name_or_path: str) -> Stream:
     doc = _read_yaml(path)
     name = doc.get("name") or path.stem
     seed = int(doc.get("data_seed", 0))
-    tasks = [_build_task(t, seed, False, f"stream {name}, task {i + 1}") for i, t in enumerate(doc.get("tasks") or [])]
+    chat = bool(doc.get("chat_template", False))
+    tasks = [_build_task(t, seed, False, f"stream {name}, task {i + 1}", chat)
+             for i, t in enumerate(doc.get("tasks") or [])]
     if not tasks:
         raise UserError(f"stream {name} ({path}) has no tasks: add a 'tasks:' list")
-    probes = [_build_task(t, seed, True, f"stream {name}, probe {i + 1}") for i, t in enumerate(doc.get("probes") or [])]
+    probes = [_build_task(t, seed, True, f"stream {name}, probe {i + 1}", chat)
+              for i, t in enumerate(doc.get("probes") or [])]
     names = [t.name for t in tasks + probes]
     if len(set(names)) != len(names):
         raise UserError(f"stream {name}: task and probe names must be unique, got {names}")
@@ -182,6 +187,7 @@ def load_stream(name_or_path: str) -> Stream:
     general = None
     if doc.get("general_data"):
         g = doc["general_data"]
-        general = _build_task({"name": "general", "scorer": "loglik", **g}, seed, False, f"stream {name}, general_data").train
-    return Stream(name, tasks, probes, str(doc["model"]), bool(doc.get("chat_template", False)),
+        general = _build_task({"name": "general", "scorer": "loglik", **g}, seed, False,
+                              f"stream {name}, general_data", chat).train
+    return Stream(name, tasks, probes, str(doc["model"]), chat,
                   doc.get("train") or {}, doc.get("eval") or {}, doc.get("description", ""), str(path), general)

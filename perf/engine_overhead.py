@@ -39,7 +39,7 @@ def hand_loop(model, tok, batches, lr: float) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        float(loss)
+        float(loss.detach())
     return time.perf_counter() - t0
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     tok = make_tokenizer()
     # Equal-length rows, so the engine's shuffled batches hold exactly as many tokens as the hand loop's.
-    data = [r for r in tiny_task(seed=0, skill="sorting", n_train=20000)["train"] if len(r["target"]) == 5]
+    data = [r for r in tiny_task(seed=0, skill="sorting", n_train=20000)["train"] if len(r["target"]) == 4]
     data = data[:args.steps * args.batch]
     batches = [data[i:i + args.batch] for i in range(0, len(data), args.batch)]
     model = build(tok)

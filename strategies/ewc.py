@@ -74,6 +74,14 @@ class EWC(Strategy):
         self.experiences: list[int] = []
         self._warned = False
 
+    def conflict(self, others: list[Strategy]) -> str | None:
+        for o in others:
+            if o.name == "lora" and getattr(o.params, "mode", None) == "merge":
+                return ("ewc cannot be combined with lora(mode=merge): each task trains a fresh adapter that starts "
+                        "at zero, so no stored anchor refers to its weights and the penalty would do nothing; use "
+                        "lora (mode=continue), where EWC anchors the adapter's factors")
+        return super().conflict(others)
+
     # --- Fisher and anchor --------------------------------------------------------------------------------
     @staticmethod
     def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,12 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
     if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
         pytest.skip(f"pip is not available for {sys.executable}: cannot install the example package")
     target = tmp_path_factory.mktemp("site")
+    # build from a copy: an in-tree build would leave build/ and *.egg-info in the example folder
+    src = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("src") / EXAMPLE.name,
+                          ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     offline = importlib.util.find_spec("setuptools") is not None  # build with it, no download needed
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--disable-pip-version-check",
-           "--target", str(target), *(["--no-build-isolation"] if offline else []), str(EXAMPLE)]
+           "--target", str(target), *(["--no-build-isolation"] if offline else []), str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
         if not offline:

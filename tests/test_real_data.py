@@ -68,7 +68,8 @@ def test_bbc_topics_prompt_and_labels():
     body = r["prompt"].split("\n\n")[1].split("\n", 1)[1]
     assert len(body.replace(" ...", "").split()) <= 20
     # eval rows do not depend on n_train; the full corpus, duplicates removed, is ~2,100 articles
-    assert ds["eval"].to_list() == DATA_BUILDERS.get("bbc_topics")(seed=0, n_train=5, n_eval=50, max_words=20)["eval"].to_list()
+    fewer = DATA_BUILDERS.get("bbc_topics")(seed=0, n_train=5, n_eval=50, max_words=20)
+    assert ds["eval"].to_list() == fewer["eval"].to_list()
     assert 2000 < len(rd.bbc_articles()) < 2225
 
 
@@ -77,7 +78,8 @@ def test_chatterbot_domains_and_errors():
     tech = DATA_BUILDERS.get("chatterbot_qa")(seed=0, domains="tech", n_eval=10)
     trivia = DATA_BUILDERS.get("chatterbot_qa")(seed=0, domains=["trivia"], n_eval=10)
     assert {r["prompt"] for r in trivia["eval"]} & {r["prompt"] for r in tech["eval"]} == set()
-    assert any("Who was the 37th President" in r["prompt"] for r in trivia["train"].to_list() + trivia["eval"].to_list())
+    rows = trivia["train"].to_list() + trivia["eval"].to_list()
+    assert any("Who was the 37th President" in r["prompt"] for r in rows)
     with pytest.raises(UserError, match="unknown domain 'nosuch'.*knowledge"):
         DATA_BUILDERS.get("chatterbot_qa")(seed=0, domains=["nosuch"])
 

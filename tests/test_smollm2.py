@@ -106,11 +106,15 @@ def test_cache_round_trip(cache, fake_gguf):
     assert (dest / "model.safetensors").is_file() and (dest / smol._DONE).is_file()
     assert "quantization_config" not in json.loads((dest / "config.json").read_text())
     assert [p.name for p in cache.iterdir() if p.name.endswith(".tmp")] == []  # the temp folder was renamed
-    assert stat.S_IMODE(dest.stat().st_mode) & 0o055, "cache folder should not be private"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o777 & ~umask, "cache folder should not be private (mkdtemp's 0700)"
     m2, t2 = MODELS.get("smollm2-135m")()  # from the cache: no conversion
     assert calls == {"model": 1, "tok": 1}
-    for (n, a), (_, b) in zip(src.state_dict().items(), m2.state_dict().items()):
-        assert torch.equal(a, b), n
+    want, got = src.state_dict(), m2.state_dict()
+    assert list(want) == list(got)
+    for n in want:
+        assert torch.equal(want[n], got[n]), n
     assert m2.dtype == torch.float32 and t2.pad_token_id is not None
     assert t2("the capital is paris")["input_ids"] == t1("the capital is paris")["input_ids"]
 
@@ -142,12 +146,14 @@ def test_real_smollm2_loads_and_answers():
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.dtype == torch.float32
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert tok.bos_token == "<|endoftext|>" and tok.pad_token == tok.eos_token == "<|im_end|>"
     # the cached weights equal the GGUF's, dequantized (a tensor llama.cpp stores unpermuted)
     import gguf as gg
     reader = gg.GGUFReader(str(gguf))
     t = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
-    ref = torch.from_numpy(gg.quants.dequantize(t.data, t.tensor_type).copy()).reshape(model.model.layers[0].mlp.down_proj.weight.shape)
-    assert torch.equal(ref.float(), model.model.layers[0].mlp.down_proj.weight.detach())
+    w = model.model.layers[0].mlp.down_proj.weight.detach()
+    ref = torch.from_numpy(gg.quants.dequantize(t.data, t.tensor_type).copy()).reshape(w.shape)
+    assert torch.equal(ref.float(), w)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():

@@ -23,7 +23,7 @@ def test_data_is_deterministic():
 def test_include_overrides(tiny_stream):
     assert tiny_stream.name == "tiny-test"
     assert tiny_stream.model == "tiny-synthetic-base"  # inherited
-    assert tiny_stream.train["steps"] == 3 and tiny_stream.train["lr"] == 3e-3  # merged
+    assert tiny_stream.train["steps"] == 3 and tiny_stream.train["lr"] == load_stream("tiny-synthetic").train["lr"]
     assert len(tiny_stream.tasks) == 2
 
 
