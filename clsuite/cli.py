@@ -36,6 +36,8 @@ def run(
     force: bool = typer.Option(False, help="re-run cells that already have a record"),
     leaderboard: Optional[Path] = typer.Option(None, help="also publish a leaderboard under this directory"),
     quiet: bool = typer.Option(False, help="no progress bars"),
+    sharpness: str = typer.Option("off", help="sharpness after each experience: off | cheap | full"),
+    save_model: bool = typer.Option(False, help="also save each run's final model beside its record (seed<k>.model/)"),
 ) -> None:
     """Run every (strategy, seed) cell over a stream; each run writes one JSON record."""
     from .runner import resolve_config, run_one
@@ -47,11 +49,12 @@ def run(
         raise UserError(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2") from None
     specs = split_specs(strategies)
     s = load_stream(stream)
-    configs = [resolve_config(s, spec, seed, model, _overrides(set_)) for spec in specs for seed in seed_list]
+    configs = [resolve_config(s, spec, seed, model, _overrides(set_), {"sharpness": sharpness})
+               for spec in specs for seed in seed_list]
     failed = 0
     for cfg in configs:
         try:
-            path = run_one(s, cfg, out, progress=not quiet, force=force)
+            path = run_one(s, cfg, out, progress=not quiet, force=force, save=save_model)
             typer.echo(f"wrote {path}")
         except DivergenceError as e:
             failed += 1

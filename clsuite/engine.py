@@ -195,6 +195,12 @@ def run_stream(ctx: Context, progress: bool = True, on_row: Callable[[int], None
         ctx.call("before_training_exp")
         experiences.append(train_experience(ctx, progress))
         ctx.call("after_training_exp")
+        if ctx.config.eval.sharpness != "off":  # the weights that are evaluated (after merges / Wise-FT)
+            from .landscape import measure_sharpness
+            t0 = time.perf_counter()
+            experiences[-1]["sharpness"] = measure_sharpness(ctx, ctx.config.eval.sharpness,
+                                                             ctx.config.eval.sharpness_examples)
+            experiences[-1]["sharpness_seconds"] = time.perf_counter() - t0
         add_row()
     ctx.call("after_training")
     return {"rows": rows, "experiences": experiences}

@@ -31,20 +31,35 @@ def frame(records: list[RunRecord]) -> pd.DataFrame:
         row = {"stream": r.stream, "strategy": r.strategy, "seed": r.seed, **r.metrics}
         row["compute_multiplier"] = r.cost.get("compute_multiplier")
         row["extra_memory_bytes"] = (r.cost.get("extra_memory_bytes") or 0) / 2**20
+        row.update(sharpness_means(r))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def sharpness_means(r: RunRecord) -> dict[str, float]:
+    """Per-experience sharpness scalars (``clsuite run --sharpness``) averaged over the stream."""
+    values: dict[str, list[float]] = {}
+    for e in r.experiences:
+        for k, v in (e.get("sharpness") or {}).items():
+            if v is not None:
+                values.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in values.items()}
 
 
 def aggregate(df: pd.DataFrame, sort_by: str = "acc") -> pd.DataFrame:
     """Mean and std over seeds per (stream, strategy), ranked by ``sort_by`` in its better direction."""
     if sort_by not in METRICS:
         raise UserError(f"cannot sort by {sort_by!r}: choose one of {', '.join(METRICS)}")
-    cols = [m for m in METRICS if m in df.columns] + list(COST)
+    cols = [m for m in METRICS if m in df.columns] + list(COST) + _sharp(df)
     g = df.groupby(["stream", "strategy"])
     out = g[cols].mean().join(g[cols].std(ddof=1).add_suffix("_std"))
     out.insert(0, "n", g.size())
     out = out.sort_values(sort_by, ascending=not METRICS[sort_by].higher_is_better, na_position="last")
     return out.reset_index()
+
+
+def _sharp(df: pd.DataFrame) -> list[str]:
+    return sorted(c for c in df.columns if c.startswith("sharpness_") and not c.endswith("_std"))
 
 
 def _escape(text: str) -> str:
@@ -58,6 +73,9 @@ def to_markdown(agg: pd.DataFrame, digits: int = 3) -> str:
         arrow = "↑" if METRICS[m].higher_is_better else "↓"
         headers.append(f"{m} {arrow}")
         cols.append(m)
+    for c in _sharp(agg):  # lower is flatter
+        headers.append(f"{c} ↓")
+        cols.append(c)
     for c, (label, hib) in COST.items():
         headers.append(f"{label} {'↑' if hib else '↓'}")
         cols.append(c)

@@ -97,7 +97,9 @@ def find_records(paths: list[Path]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*.json") if not q.name.startswith("."))
+            out += sorted(q for q in p.rglob("*.json")  # skip hidden temp files and saved models (<run>.model/)
+                          if not any(d.startswith(".") or d.endswith(".model") for d in q.relative_to(p).parts[:-1])
+                          and not q.name.startswith("."))
         elif p.exists():
             out.append(p)
         else:

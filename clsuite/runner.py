@@ -1,7 +1,10 @@
 """One run = (stream, strategy spec, seed): build everything, run the stream, write the record atomically."""
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,32 @@ def record_path(out: Path, cfg: RunConfig) -> Path:
     return Path(out) / slug(cfg.stream) / slug(cfg.strategy) / f"seed{cfg.seed}.json"
 
 
-def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, force: bool = False) -> Path:
-    """Run one cell and write its record; an existing complete record for the same config is kept (resumable)."""
+def save_model(model: Any, tokenizer: Any, dest: Path) -> Path:
+    """``save_pretrained`` the model (a PEFT adapter merged first) and tokenizer into ``dest``, atomically."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        PeftModel = ()
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, force: bool = False,
+            save: bool = False) -> Path:
+    """Run one cell and write its record; an existing complete record for the same config is kept (resumable).
+    ``save``: also write the final model to ``seed<k>.model/`` beside the record (``clsuite landscape --checkpoint``)."""
     path = record_path(out, cfg)
+    model_dir = path.with_suffix(".model")
     if path.exists() and not force:
         old = read_record(path)
         try:  # validated, so settings added to clsuite since that run compare at their defaults
@@ -43,7 +69,7 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
             same = False
         if not same:
             raise UserError(f"{path} holds a run with other settings; use another --out or --force to replace it")
-        if old.status == "complete":
+        if old.status == "complete" and (model_dir.exists() or not save):
             if progress:
                 print(f"skip {cfg.strategy} seed {cfg.seed}: already recorded in {path}")
             return path
@@ -78,5 +104,7 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
               "trainable_parameters": max(e["trainable_parameters"] for e in result["experiences"]),
               "parameters": sum(p.numel() for p in ctx.model.parameters())},
         provenance=provenance(), wall_seconds=time.perf_counter() - t0)
+    if save:  # before the record, so a complete record never points at a missing model
+        record["model_dir"] = save_model(ctx.model, tok, model_dir).name
     atomic_write_json(path, record)
     return path

@@ -64,3 +64,12 @@ def test_bad_training_settings(tiny_stream):
         resolve_config(tiny_stream, "naive", 0, train={"batch_size": 7, "grad_accum": 2})
     with pytest.raises(UserError, match="Extra inputs"):
         resolve_config(tiny_stream, "naive", 0, train={"learning_rate": 1})
+
+
+def test_sharpness_is_recorded_and_changes_nothing_else(tiny_stream, tmp_path, naive_record):
+    cfg = resolve_config(tiny_stream, "naive", 0, eval={"sharpness": "cheap"})
+    rec = read_record(run_one(tiny_stream, cfg, tmp_path, progress=False))
+    assert rec.R == naive_record.R and rec.P == naive_record.P
+    for e in rec.experiences:
+        assert set(e["sharpness"]) == {"sharpness_worst", "sharpness_trace"}
+        assert e["sharpness"]["sharpness_worst"] is not None

@@ -24,3 +24,11 @@ def test_mean_std_and_rank():
 def test_markdown_escapes_untrusted_text():
     md = to_markdown(aggregate(frame([_rec("x|<script>", 0, 0.5, 0.1)])))
     assert "<script>" not in md and "&lt;script&gt;" in md and "x&#124;" in md
+
+
+def test_sharpness_columns():
+    r = _rec("sam", 0, 0.5, 0.1)
+    r.experiences = [{"sharpness": {"sharpness_worst": 1.0}}, {"sharpness": {"sharpness_worst": 3.0}}]
+    agg = aggregate(frame([r, _rec("naive", 0, 0.4, 0.2)]))
+    assert agg[agg.strategy == "sam"].iloc[0]["sharpness_worst"] == 2.0
+    assert "sharpness_worst ↓" in to_markdown(agg)
