@@ -94,6 +94,27 @@ def to_markdown(agg: pd.DataFrame, digits: int = 3) -> str:
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
+def paired_effects(df: pd.DataFrame, plugin: str = "sam", metrics: tuple[str, ...] = SHOWN) -> pd.DataFrame:
+    """Effect of adding ``plugin``: per-seed differences (X+plugin minus X, same stream and seed), mean ± std."""
+    rows = []
+    for (stream, strategy), with_p in df.groupby(["stream", "strategy"]):
+        parts = strategy.split("+")
+        if plugin not in [x.split("(")[0] for x in parts] or len(parts) < 1:
+            continue
+        base = "+".join(x for x in parts if x.split("(")[0] != plugin) or "naive"
+        without = df[(df.stream == stream) & (df.strategy == base)]
+        both = with_p.merge(without, on="seed", suffixes=("", "_base"))
+        if both.empty:
+            continue
+        row = {"stream": stream, "comparison": f"{strategy} − {base}", "n": len(both)}
+        for m in metrics:
+            if m in both and both[m].notna().all():
+                d = both[m] - both[f"{m}_base"]
+                row[m] = f"{d.mean():+.3f} ± {d.std(ddof=1):.3f}" if len(d) > 1 else f"{d.mean():+.3f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def plot(agg: pd.DataFrame, path: Path, title: str) -> None:
     """ACC against forgetting per strategy, with seed std as error bars."""
     import matplotlib
@@ -128,6 +149,14 @@ def publish(paths: list[Path], out_root: Path, sort_by: str = "acc") -> dict[str
         d = Path(out_root) / stream
         d.mkdir(parents=True, exist_ok=True)
         md = to_markdown(sub)
+        effects = paired_effects(frame([r for r in complete if r.stream == stream]))
+        if not effects.empty:
+            eff = effects.drop(columns="stream")
+            eff["comparison"] = eff["comparison"].map(_escape)
+            md += ("\n\nEffect of adding sam, paired by seed (mean ± std of the per-seed difference; "
+                   "a difference is only worth reading when its mean clearly exceeds its std):\n\n"
+                   + tabulate(eff.values.tolist(), headers=list(eff.columns), tablefmt="github",
+                              disable_numparse=True))
         fails = [f"{_escape(r.strategy)} seed {r.seed}" for r in failed if r.stream == stream]
         note = f"\n\nFailed runs (not ranked): {', '.join(fails)}" if fails else ""
         text = (f"# Leaderboard: {_escape(stream)}\n\nMean ± std over seeds (n = runs). "

@@ -32,3 +32,12 @@ def test_sharpness_columns():
     agg = aggregate(frame([r, _rec("naive", 0, 0.4, 0.2)]))
     assert agg[agg.strategy == "sam"].iloc[0]["sharpness_worst"] == 2.0
     assert "sharpness_worst ↓" in to_markdown(agg)
+
+
+def test_paired_effect_of_sam():
+    from clsuite.leaderboard import paired_effects
+    recs = [_rec("naive", 0, 0.2, 0.5), _rec("naive", 1, 0.4, 0.3), _rec("sam", 0, 0.3, 0.4), _rec("sam", 1, 0.6, 0.2),
+            _rec("ewc+sam", 0, 0.9, 0.0)]  # no ewc run: no comparison
+    eff = paired_effects(frame(recs), metrics=("acc",))
+    assert list(eff["comparison"]) == ["sam − naive"]
+    assert eff.iloc[0]["n"] == 2 and eff.iloc[0]["acc"] == "+0.150 ± 0.071"
