@@ -21,7 +21,10 @@ def _overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--set {pair!r}: write KEY=VALUE, e.g. --set lr=1e-4")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {pair!r}: the value is not valid YAML; quote it or fix it, e.g. --set lr=1e-4") from None
     return out
 
 

@@ -10,7 +10,7 @@ from .errors import UserError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TrainConfig(_Strict):
@@ -52,10 +52,15 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
 
 
+def _loc(loc: tuple) -> str:
+    """A pydantic error location on one line: keys with newlines or other unprintables are quoted."""
+    return ".".join(str(k) if str(k).isprintable() else repr(k) for k in loc)
+
+
 def validated(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
     """Build ``cls`` from ``data`` or raise a one-line UserError naming each bad field."""
     try:
-        return cls(**data)
+        return cls.model_validate(data)  # not cls(**data): keys need not be strings
     except pydantic.ValidationError as e:
-        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'value'}: {x['msg']}" for x in e.errors())
+        errs = "; ".join(f"{_loc(x['loc']) or 'value'}: {x['msg']}" for x in e.errors())
         raise UserError(f"{where}: {errs}") from None

@@ -64,7 +64,7 @@ def _sharp(df: pd.DataFrame) -> list[str]:
 
 def _escape(text: str) -> str:
     """Record text is untrusted: neutralise markdown table and HTML syntax."""
-    return html.escape(str(text)).replace("|", "&#124;").replace("\n", " ")
+    return html.escape(str(text)).replace("|", "&#124;").replace("\n", " ").replace("\r", " ")
 
 
 def to_markdown(agg: pd.DataFrame, digits: int = 3) -> str:

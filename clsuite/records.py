@@ -79,15 +79,17 @@ def read_record(path: Path) -> RunRecord:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise UserError(f"record {path} not found: give a run record .json written by 'clsuite run'") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an integer of > 4300 digits, deep nesting
         raise UserError(f"record {path} is not valid JSON ({e}); remove it or re-run that cell") from None
+    except OSError as e:  # a directory, no permission
+        raise UserError(f"record {path} cannot be read ({e.strerror or e}): give a run record .json file") from None
     if not isinstance(data, dict):
         raise UserError(f"record {path} must be a JSON object, got {type(data).__name__}")
     try:
         return RunRecord(**data)
     except pydantic.ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(map(str, first["loc"])) or "record"
+        where = ".".join(str(k) if str(k).isprintable() else repr(k) for k in first["loc"]) or "record"
         raise UserError(f"record {path} does not match the run-record schema v{SCHEMA_VERSION}: "
                         f"{where}: {first['msg']}") from None
 

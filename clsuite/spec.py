@@ -15,6 +15,7 @@ _TOKEN = re.compile(
 )
 
 Spec = list[tuple[str, dict[str, Any]]]
+MAX_DEPTH = 16  # nesting of [lists] in a value; deeper input is refused instead of overflowing the stack
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
@@ -50,11 +51,15 @@ class _Parser:
         self.i += 1
         return tok[1]
 
-    def value(self) -> Any:
+    def value(self, depth: int = 0) -> Any:
         kind, text = self.peek() or ("end", "")
         if kind == "num":
             self.i += 1
-            return float(text) if any(c in text for c in ".eE") else int(text)
+            try:
+                return float(text) if any(c in text for c in ".eE") else int(text)
+            except ValueError:  # more digits than int() converts
+                raise UserError(f"strategy spec {self.text!r}: number {text[:20]}... has {len(text)} digits; "
+                                "write it with an exponent, e.g. 1e9") from None
         if kind == "str":
             self.i += 1
             return text[1:-1]
@@ -62,10 +67,12 @@ class _Parser:
             self.i += 1
             return {"true": True, "false": False, "none": None, "null": None}.get(text.lower(), text)
         if (kind, text) == ("punct", "["):
+            if depth >= MAX_DEPTH:
+                raise UserError(f"strategy spec {self.text!r}: lists nested deeper than {MAX_DEPTH} levels")
             self.i += 1
             items = []
             while self.peek() != ("punct", "]"):
-                items.append(self.value())
+                items.append(self.value(depth + 1))
                 if self.peek() == ("punct", ","):
                     self.i += 1
                 elif self.peek() != ("punct", "]"):
@@ -109,11 +116,16 @@ def parse_spec(text: str) -> Spec:
 
 
 def split_specs(text: str) -> list[str]:
-    """Split ``naive,sam(rho=0.1,adaptive=true)`` on the commas outside brackets."""
-    out, depth, cur = [], 0, ""
+    """Split ``naive,sam(rho=0.1,adaptive=true)`` on the commas outside brackets and quotes."""
+    out, depth, cur, quote = [], 0, "", ""
     for ch in text:
-        depth += 1 if ch in "([" else -1 if ch in ")]" else 0
-        if ch == "," and depth == 0:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        else:
+            depth += 1 if ch in "([" else -1 if ch in ")]" else 0
+        if ch == "," and depth == 0 and not quote:
             out.append(cur.strip())
             cur = ""
         else:

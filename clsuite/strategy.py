@@ -6,6 +6,7 @@ adapter is merged before Wise-FT interpolates, and EWC anchors the weights that 
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import pydantic
@@ -28,7 +29,7 @@ SINGLE_KINDS = {"update": "two update rules cannot both own the optimizer step",
 
 class Params(BaseModel):
     """Base for strategy parameters: unknown keys are errors; ``lambda`` may stand for ``lam``."""
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, allow_inf_nan=False)
 
 
 class Strategy:
@@ -161,8 +162,20 @@ def canonical_spec(spec: str) -> str:
     for p in build_strategy(spec):
         defaults = p.Params().model_dump(by_alias=True) if _all_defaulted(p.Params) else {}
         args = {k: v for k, v in p.params.model_dump(by_alias=True).items() if defaults.get(k, object()) != v}
-        parts.append(p.name + (f"({', '.join(f'{k}={v}' for k, v in args.items())})" if args else ""))
+        parts.append(p.name + (f"({', '.join(f'{k}={_value(v)}' for k, v in args.items())})" if args else ""))
     return "+".join(parts)
+
+
+_BARE = re.compile(r"[A-Za-z_][\w.\-]*")  # a name token of clsuite.spec, read back as a string
+
+
+def _value(v: Any, top: bool = True) -> str:
+    """A parameter value as parse_spec reads it back (the form of ``str(v)`` wherever that one round-trips)."""
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x, False) for x in v) + "]"
+    if isinstance(v, str) and not (top and _BARE.fullmatch(v) and v.lower() not in ("true", "false", "none", "null")):
+        return f"'{v}'" if "'" not in v else f'"{v}"'  # parse_spec never yields a string with both quotes
+    return str(v)
 
 
 def _all_defaulted(cls: type[Params]) -> bool:

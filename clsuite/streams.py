@@ -63,13 +63,29 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
                         "'clsuite list streams'") from None
     except yaml.YAMLError as e:
         raise UserError(f"stream file {path} is not valid YAML: {str(e).splitlines()[0]}; fix the syntax") from None
+    except (OSError, UnicodeDecodeError, RecursionError) as e:  # a directory, not UTF-8, nested too deeply
+        raise UserError(f"stream file {path} cannot be read ({type(e).__name__}: {_first_line(e)}); "
+                        "give a UTF-8 YAML file") from None
     if not isinstance(doc, dict):
         raise UserError(f"stream file {path} must hold a mapping (name:, tasks:, ...), got {type(doc).__name__}")
-    includes = doc.pop("include", [])
+    includes = doc.pop("include", None)
+    includes = [] if includes is None else [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i and "\0" not in i for i in includes):
+        raise UserError(f"stream file {path}: 'include:' must be a file name or a list of them, got {includes!r:.80}")
     merged: dict = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
+    for inc in includes:
         merged = _deep_merge(merged, _read_yaml((path.parent / inc).resolve(), (*seen, path)))
     return _deep_merge(merged, doc)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0]
+
+
+def _need(ok: bool, where: str, what: str, got: Any) -> None:
+    """Raise a UserError saying what ``where`` must be when a value from the YAML has the wrong type."""
+    if not ok:
+        raise UserError(f"{where}: {what}, got {type(got).__name__} {got!r:.60}")
 
 
 def builtin_stream_files() -> dict[str, Path]:
@@ -96,9 +112,15 @@ def resolve_stream_file(name_or_path: str) -> Path:
 
 
 def _check_template(tmpl: str, where: str) -> str:
-    for _, fld, spec, conv in string.Formatter().parse(tmpl):
-        if fld is not None and not fld.isidentifier():
-            raise UserError(f"{where}: template field {{{fld}}} must be a plain column name")
+    _need(isinstance(tmpl, str), where, "prompt:/target: templates are strings such as '{question}'", tmpl)
+    try:
+        fields = list(string.Formatter().parse(tmpl))
+    except ValueError as e:  # a lone brace
+        raise UserError(f"{where}: template {tmpl!r:.80} is malformed ({e}); write {{{{ for a literal brace") from None
+    for _, fld, spec, conv in fields:
+        if fld is not None and (not fld.isidentifier() or spec or conv):
+            raise UserError(f"{where}: template {tmpl!r:.80}: field {fld!r} must be a plain column name "
+                            "(no attribute, index, conversion or format spec)")
     return tmpl
 
 
@@ -124,28 +146,43 @@ def _format_rows(ds: Dataset, spec: dict, where: str) -> Dataset:
                 out["target"] = tt.format(**row)
         except KeyError as e:
             raise UserError(f"{where}: column {e} not in the data (columns: {', '.join(row)})") from None
+        except (TypeError, ValueError, IndexError) as e:
+            raise UserError(f"{where}: choices: {ch!r} / answer: {ans!r} do not fit the data "
+                            f"({type(e).__name__}: {_first_line(e)}); choices names a list column, "
+                            "answer an integer column indexing it") from None
         return out
 
     return ds.map(fmt, remove_columns=ds.column_names)
 
 
 def _load_source(src: dict, seed: int, where: str) -> dict[str, Dataset]:
+    _need(isinstance(src, dict), where, "'source:' must be a mapping ({builder: NAME, ...} or load_dataset "
+          "arguments)", src)
     src = dict(src)
     if "builder" in src:
-        fn = DATA_BUILDERS.get(src.pop("builder"))
-        out = fn(seed=seed, **src)
+        name = src.pop("builder")
+        _need(isinstance(name, str), where, "'builder:' must name a data builder", name)
+        fn = DATA_BUILDERS.get(name)
+        try:
+            out = fn(seed=seed, **src)
+        except (TypeError, ValueError, KeyError) as e:  # arguments the builder does not take or accept
+            raise UserError(f"{where}: data builder {name!r} rejects the arguments {src!r:.100} "
+                            f"({type(e).__name__}: {_first_line(e)})") from None
         return out if isinstance(out, dict) else {"train": out}
     try:
         ds = load_dataset(**src)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{where}: cannot load data {src}: {e}") from None
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise UserError(f"{where}: cannot load data {src!r:.100}: {_first_line(e)}") from None
     return dict(ds) if isinstance(ds, DatasetDict) else {"train": ds}
 
 
 def _build_task(spec: dict, seed: int, probe: bool, where: str, chat: bool = False) -> Task:
+    _need(isinstance(spec, dict), where, "a task is a mapping with name, source and scorer", spec)
     for key in ("name", "source", "scorer"):
         if key not in spec:
             raise UserError(f"{where}: missing '{key}:' (a task needs name, source and scorer)")
+    for key in ("name", "scorer", "category", "train_split", "eval_split"):
+        _need(isinstance(spec.get(key, ""), str), where, f"'{key}:' must be a string", spec.get(key))
     from .scoring import SCORERS
     SCORERS.get(spec["scorer"])
     splits = _load_source(spec["source"], seed, where)
@@ -155,11 +192,19 @@ def _build_task(spec: dict, seed: int, probe: bool, where: str, chat: bool = Fal
             raise UserError(f"{where}: no split {eval_split!r} or {train_split!r} in {list(splits)}; "
                             "name them with train_split:/eval_split:")
         size = spec.get("eval_size", 0.2)
-        parts = splits[train_split].train_test_split(test_size=size, seed=seed)
+        try:
+            parts = splits[train_split].train_test_split(test_size=size, seed=seed)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where}: cannot hold out eval_size: {size!r:.40} ({_first_line(e)}); give a "
+                            "fraction in (0, 1) or a number of rows") from None
         splits = {train_split: parts["train"], eval_split: parts["test"]}
     ev = _format_rows(splits[eval_split], spec, where)
     if spec.get("max_eval"):
+        _need(isinstance(spec["max_eval"], int), where, "'max_eval:' must be an integer", spec["max_eval"])
         ev = ev.select(range(min(len(ev), int(spec["max_eval"]))))
+    if not probe and train_split not in splits:
+        raise UserError(f"{where}: no split {train_split!r} to train on in {list(splits)}; name it with "
+                        "train_split:, or list this source under probes:")
     tr = None if probe else _format_rows(splits[train_split], spec, where)
     return Task(spec["name"], tr, ev, spec["scorer"], spec.get("category", ""),
                 bool(spec.get("chat_template", chat)))
@@ -171,7 +216,13 @@ def load_stream(name_or_path: str) -> Stream:
     path = resolve_stream_file(name_or_path)
     doc = _read_yaml(path)
     name = doc.get("name") or path.stem
-    seed = int(doc.get("data_seed", 0))
+    _need(isinstance(name, str) and name.splitlines() == [name], f"stream file {path}",
+          "'name:' must be a one-line string", name)
+    seed = doc.get("data_seed", 0)
+    _need(isinstance(seed, int), f"stream {name}", "'data_seed:' must be an integer", seed)
+    for key, kind in (("tasks", list), ("probes", list), ("train", dict), ("eval", dict), ("general_data", dict)):
+        _need(isinstance(doc.get(key) or kind(), kind), f"stream {name}",
+              f"'{key}:' must be a {'list' if kind is list else 'mapping'}", doc.get(key))
     chat = bool(doc.get("chat_template", False))
     tasks = [_build_task(t, seed, False, f"stream {name}, task {i + 1}", chat)
              for i, t in enumerate(doc.get("tasks") or [])]
@@ -184,6 +235,8 @@ def load_stream(name_or_path: str) -> Stream:
         raise UserError(f"stream {name}: task and probe names must be unique, got {names}")
     if "model" not in doc:
         raise UserError(f"stream {name} ({path}) has no 'model:'; name a model id, path or registered model")
+    _need(isinstance(doc["model"], str) and doc["model"], f"stream {name}",
+          "'model:' must name a model id, path or registered model", doc["model"])
     general = None
     if doc.get("general_data"):
         g = doc["general_data"]
