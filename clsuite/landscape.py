@@ -28,9 +28,9 @@ import torch
 from . import flatness as fl
 from .data import lm_loss
 from .errors import UserError
-from .records import RunRecord, atomic_write_json, find_records, read_record, slug
+from .records import RunRecord, atomic_write_json, find_records, read_record, run_sharpness, slug
 
-__all__ = ["measure_sharpness", "sharpness_scalars", "landscape", "correlate", "run_sharpness"]
+__all__ = ["measure_sharpness", "sharpness_scalars", "landscape", "correlate"]
 
 PREFIX = "sharpness_"
 LEVELS = ("cheap", "full")
@@ -200,21 +200,6 @@ def landscape(stream: str, task: str, checkpoint: Path | None = None, model: str
 
 
 # ------------------------------------------------------------------------------------------ correlate
-def run_sharpness(record: RunRecord) -> dict[str, float]:
-    """A run's sharpness scalars: means of ``experiences[i]["sharpness"]``, overridden by ``metrics["sharpness_*"]``."""
-    vals: dict[str, list[float]] = {}
-    for e in record.experiences:
-        sh = e.get("sharpness") if isinstance(e, dict) else None
-        for k, v in (sh.items() if isinstance(sh, dict) else ()):
-            x = _finite(v) if not isinstance(v, bool) else None
-            if x is not None:
-                vals.setdefault(k if k.startswith(PREFIX) else PREFIX + k, []).append(x)
-    out = {k: float(np.mean(v)) for k, v in vals.items()}
-    out.update({k: x for k, v in record.metrics.items()
-                if k.startswith(PREFIX) and (x := _finite(v)) is not None})
-    return out
-
-
 def _spearman_ci(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
     """Percentile 95% bootstrap CI of Spearman's ρ (resamples with a constant side are dropped)."""
     from scipy.stats import rankdata

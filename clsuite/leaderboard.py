@@ -9,7 +9,7 @@ from tabulate import tabulate
 
 from .errors import UserError
 from .metrics import METRICS
-from .records import RunRecord, find_records, read_record
+from .records import RunRecord, find_records, read_record, run_sharpness
 
 # Columns of the markdown table (the CSV keeps every metric).
 SHOWN = ("acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_fg")
@@ -31,19 +31,9 @@ def frame(records: list[RunRecord]) -> pd.DataFrame:
         row = {"stream": r.stream, "strategy": r.strategy, "seed": r.seed, **r.metrics}
         row["compute_multiplier"] = r.cost.get("compute_multiplier")
         row["extra_memory_bytes"] = (r.cost.get("extra_memory_bytes") or 0) / 2**20
-        row.update(sharpness_means(r))
+        row.update(run_sharpness(r))
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def sharpness_means(r: RunRecord) -> dict[str, float]:
-    """Per-experience sharpness scalars (``clsuite run --sharpness``) averaged over the stream."""
-    values: dict[str, list[float]] = {}
-    for e in r.experiences:
-        for k, v in (e.get("sharpness") or {}).items():
-            if v is not None:
-                values.setdefault(k, []).append(v)
-    return {k: sum(v) / len(v) for k, v in values.items()}
 
 
 def aggregate(df: pd.DataFrame, sort_by: str = "acc") -> pd.DataFrame:

@@ -107,3 +107,29 @@ def find_records(paths: list[Path]) -> list[Path]:
         else:
             raise UserError(f"{p} does not exist: give run-record files or directories of them")
     return out
+
+
+def _finite(x: Any) -> float | None:
+    """``x`` as a float when finite, else None (records are strict JSON: no NaN/inf)."""
+    if isinstance(x, bool):
+        return None
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def run_sharpness(record: RunRecord) -> dict[str, float]:
+    """A run's sharpness scalars: means of ``experiences[i]["sharpness"]``, overridden by ``metrics["sharpness_*"]``."""
+    prefix = "sharpness_"
+    vals: dict[str, list[float]] = {}
+    for e in record.experiences:
+        sh = e.get("sharpness") if isinstance(e, dict) else None
+        for k, v in (sh.items() if isinstance(sh, dict) else ()):
+            x = _finite(v)
+            if x is not None:
+                vals.setdefault(k if k.startswith(prefix) else prefix + k, []).append(x)
+    out = {k: sum(v) / len(v) for k, v in vals.items()}
+    out.update({k: x for k, v in record.metrics.items() if k.startswith(prefix) and (x := _finite(v)) is not None})
+    return out
