@@ -18,9 +18,17 @@ COST = {"compute_multiplier": ("compute ×", False), "extra_memory_bytes": ("ext
 
 def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[RunRecord]]:
     """(complete, failed) records under ``paths``; every file is schema-validated before use."""
-    recs = [read_record(p) for p in find_records(paths)]
+    files = find_records(paths)
+    recs = [read_record(p) for p in files]
     if not recs:
         raise UserError(f"no run records under {', '.join(map(str, paths))}: run 'clsuite run' first")
+    seen: dict[tuple, Path] = {}
+    for f, r in zip(files, recs):  # a cell counted twice would shrink the spread and inflate n
+        key = (r.stream, r.strategy, r.seed)
+        if key in seen:
+            raise UserError(f"{seen[key]} and {f} are both {r.strategy} seed {r.seed} on {r.stream}: "
+                            "give each run once (pass only one of the directories)")
+        seen[key] = f
     return [r for r in recs if r.status == "complete"], [r for r in recs if r.status == "failed"]
 
 

@@ -41,3 +41,16 @@ def test_paired_effect_of_sam():
     eff = paired_effects(frame(recs), metrics=("acc",))
     assert list(eff["comparison"]) == ["sam − naive"]
     assert eff.iloc[0]["n"] == 2 and eff.iloc[0]["acc"] == "+0.150 ± 0.071"
+
+
+def test_duplicate_cells_are_refused(tmp_path):
+    import pytest
+    from clsuite.errors import UserError
+    from clsuite.leaderboard import load_records
+    from clsuite.records import atomic_write_json
+    rec = _rec("naive", 0, 0.2, 0.5).model_dump()
+    atomic_write_json(tmp_path / "a" / "seed0.json", rec)
+    atomic_write_json(tmp_path / "b" / "seed0.json", rec)
+    with pytest.raises(UserError, match="both naive seed 0"):
+        load_records([tmp_path / "a", tmp_path / "b"])
+    assert len(load_records([tmp_path / "a"])[0]) == 1
