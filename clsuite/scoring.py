@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import collate, encode_pair, prompt_text
+from .data import collate, encode_pair, lm_loss
 from .registry import Registry
 
 
@@ -111,7 +111,6 @@ def multiple_choice(model, tok, examples: list[dict], chat: bool, max_length: in
 @torch.no_grad()
 def loglik(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int) -> dict[str, float]:
     """Mean per-token log-likelihood of the target (higher is better); perplexity beside it."""
-    from .data import lm_loss
     total = 0.0
     for chunk in _batches(examples, batch_size):
         total += float(lm_loss(model, collate(tok, chunk, chat, max_length), reduction="none").sum())
