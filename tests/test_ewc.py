@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import warnings
 
+from conftest import tiny_llama
 import pytest
 import torch
 import torch.nn.functional as Fn
@@ -240,17 +241,10 @@ def test_lambda_alias_and_bad_values():
 
 # --- on a real (tiny) Llama through Context.loss ---------------------------------------------------------
 def test_fisher_on_tiny_llama_matches_per_example_autograd():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from clsuite.benchmarks.tiny_synthetic import make_tokenizer
     from clsuite.data import collate, lm_loss
     from clsuite.streams import Stream
-    tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).train()
+    model, tok = tiny_llama()
+    model.train()
     rows = [{"prompt": "12+3=", "target": "15"}, {"prompt": "rev abc:", "target": "cba"},
             {"prompt": "copy xy:", "target": "xy"}]
     data = Dataset.from_list(rows)

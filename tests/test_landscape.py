@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 
+from conftest import tiny_llama
 import pytest
 import torch
 
@@ -25,17 +26,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from clsuite.benchmarks.tiny_synthetic import make_tokenizer
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(cfg), tok
 
 
 @pytest.fixture(scope="module")

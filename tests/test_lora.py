@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+from conftest import tiny_llama
 import pytest
 import torch
 from datasets import Dataset
@@ -22,13 +23,7 @@ ADAPTED = {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v
 
 
 def tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(TOK), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, pad_token_id=TOK.pad_token_id, bos_token_id=TOK.bos_token_id,
-                      eos_token_id=TOK.eos_token_id)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(seed, tie=True)[0]
 
 
 def state(model) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ import json
 import random
 from types import SimpleNamespace
 
+from conftest import tiny_llama
 import pytest
 from datasets import Dataset
 
@@ -155,19 +156,11 @@ def test_state_dict_is_json_and_resumes_identically():
 
 def test_engine_keeps_batch_size_and_fills_buffer(tiny_stream):
     """Through the real engine: compute stays that of plain fine-tuning, the buffer holds both tasks."""
-    import torch
 
-    from clsuite.benchmarks.tiny_synthetic import make_tokenizer
     from clsuite.config import EvalConfig, RunConfig, TrainConfig
     from clsuite.engine import Context, run_stream
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model, tok = tiny_llama()
     cfg = RunConfig(stream="tiny-test", strategy="replay(size=20, general=0.5)",
                     train=TrainConfig(steps=3, batch_size=8, max_length=32), eval=EvalConfig(max_examples=2))
     plugins = build_strategy(cfg.strategy)

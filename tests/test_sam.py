@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 
+from conftest import tiny_llama
 import pytest
 import torch
 from torch import nn
@@ -239,15 +240,7 @@ def test_sam_with_ewc_second_pass_includes_penalty():
 
 # --- (g) gradient accumulation through the engine ---------------------------------------------------------
 def _tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from clsuite.benchmarks.tiny_synthetic import make_tokenizer
-    tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg), tok
+    return tiny_llama()
 
 
 def _train(model, tok, spec: str, grad_accum: int, steps: int = 3) -> Context:

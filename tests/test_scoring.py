@@ -2,21 +2,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from clsuite.benchmarks.tiny_synthetic import make_tokenizer
+from conftest import tiny_llama
+
 from clsuite.data import encode_pair
 from clsuite.scoring import choice_logliks, score
 
 
 @pytest.fixture(scope="module")
 def model_tok():
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg).eval(), tok
+    model, tok = tiny_llama(hidden=32, layers=2, heads=4, kv_heads=2)
+    return model.eval(), tok
 
 
 def _naive_loglik(model, tok, prompt, choice):

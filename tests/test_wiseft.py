@@ -5,6 +5,7 @@ import copy
 import json
 from types import SimpleNamespace
 
+from conftest import tiny_llama
 import pytest
 import torch
 
@@ -13,16 +14,7 @@ from clsuite.strategy import build_strategy
 
 
 def tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from clsuite.benchmarks.tiny_synthetic import make_tokenizer
-    tok = make_tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(seed, tie=True)[0]
 
 
 def ctx_for(spec: str, model):
