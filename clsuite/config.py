@@ -1,6 +1,7 @@
 """Validated run configuration: training budget, evaluation settings, and what a run is made of."""
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import pydantic
@@ -18,19 +19,38 @@ class TrainConfig(_Strict):
     optimizer: str = Field("AdamW", description="any torch.optim class name")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    steps: int = Field(100, ge=1, description="optimizer steps per experience")
+    steps: int | None = Field(None, ge=1, description="optimizer steps per experience (100 when epochs is unset)")
+    epochs: float | None = Field(None, gt=0, description="instead of steps: ceil(epochs * train rows / batch_size) "
+                                 "steps per experience, rows of the experience's own task")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (split over grad_accum)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_grad_norm: float | None = Field(1.0, gt=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     max_length: int = Field(128, ge=8)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: forward passes of training under torch.autocast(bfloat16); weights stay fp32")
 
     @pydantic.model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}")
         return self
+
+    @pydantic.model_validator(mode="after")
+    def _budget(self) -> "TrainConfig":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"steps ({self.steps}) and epochs ({self.epochs}) are both set: set the other to null, "
+                             "--set steps=null to train by epochs or --set epochs=null to train by steps")
+        if self.steps is None and self.epochs is None:
+            self.steps = 100
+        return self
+
+    def steps_for(self, rows: int) -> int:
+        """Optimizer steps of an experience with ``rows`` training rows: ``steps``, or ceil(epochs * rows / batch)."""
+        if self.epochs is None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * rows / self.batch_size))
 
 
 class EvalConfig(_Strict):

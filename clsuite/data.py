@@ -1,6 +1,7 @@
 """Turn (prompt, target) examples into token tensors, and compute the training loss on target tokens."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -54,12 +55,20 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: s
     """
     dev = next(model.parameters()).device
     batch = {k: v.to(dev) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     labels = batch["labels"][:, 1:]
+    # Logits are needed only from the earliest target position on: with long prompts and short answers,
+    # computing the vocabulary projection (and its softmax) for every prompt token is most of the head's cost.
+    first = int((labels != -100).any(0).nonzero()[0]) if (labels != -100).any() else 0
+    kwargs = {"logits_to_keep": labels.shape[1] + 1 - first} if first and _keeps_logits(model) else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits[:, :-1]
+    labels = labels[:, labels.shape[1] - logits.shape[1]:]
     nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
     per_example = nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
     return per_example if reduction == "none" else per_example.mean()
 
 
-def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"] != -100).sum())
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (most transformers causal LMs; PEFT passes it on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .config import RunConfig, TrainConfig
 from .data import collate, lm_loss
 from .errors import DivergenceError, UserError
@@ -39,6 +40,7 @@ class Context:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     step: int = 0
+    total_steps: int = 0  # optimizer steps of the current experience (TrainConfig.steps_for its train rows)
     batch: dict[str, torch.Tensor] | None = None  # the micro-batch being processed (for batch-dependent loss terms)
     example_passes: int = 0  # examples through a forward+backward pass, all plugins' extra work included
     extra: dict[str, Any] = field(default_factory=dict)
@@ -82,11 +84,11 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
-        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        frac = (step - cfg.warmup_steps) / max(1, steps - cfg.warmup_steps)
         return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[cfg.schedule]
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
@@ -116,34 +118,40 @@ def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
     for p in ctx.plugins:
         data = p.train_dataset_adaptation(ctx, data)
     ctx.train_data = data
+    dist.check_batch(cfg.batch_size, cfg.grad_accum, len(data))
+    dist.broadcast_model(ctx.model)  # ranks start the experience identical (a parametrization may add weights)
     params = ctx.trainable_parameters()
     ctx.optimizer = make_optimizer(params, cfg)
-    ctx.scheduler = make_scheduler(ctx.optimizer, cfg)
+    ctx.total_steps = cfg.steps_for(len(ctx.task.train))  # epochs count the task's own rows, not a plugin's
+    ctx.scheduler = make_scheduler(ctx.optimizer, cfg, ctx.total_steps)
     gen = torch.Generator().manual_seed(ctx.config.seed * 1000 + ctx.experience)
     batches = _batches(data, cfg.batch_size, gen)
     tokens, losses, start = 0, [], time.perf_counter()
     ctx.model.train()
-    bar = tqdm(range(cfg.steps), desc=f"  train {ctx.task.name}", leave=False, disable=not progress, unit="step")
+    bar = tqdm(range(ctx.total_steps), desc=f"  train {ctx.task.name}", leave=False, disable=not progress, unit="step")
     for ctx.step in bar:
         examples = next(batches)
         for p in ctx.plugins:
             examples = p.before_training_iteration(ctx, examples)
-        micro = [ctx.collate(chunk) for chunk in _split(examples, cfg.grad_accum)]
+        # data plugins saw the global batch (identical on every rank); each rank trains on its shard
+        micro = [ctx.collate(chunk) for chunk in _split(dist.shard(examples), cfg.grad_accum)]
         tokens += sum(int(b["attention_mask"].sum()) for b in micro)
 
         def closure() -> torch.Tensor:
             ctx.optimizer.zero_grad(set_to_none=True)
             total = torch.zeros(())
             for ctx.batch in micro:
-                loss = lm_loss(ctx.model, ctx.batch)
-                for p in ctx.plugins:
-                    term = p.before_backward(ctx)
-                    if term is not None:
-                        loss = loss + term
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    loss = lm_loss(ctx.model, ctx.batch)
+                    for p in ctx.plugins:
+                        term = p.before_backward(ctx)
+                        if term is not None:
+                            loss = loss + term
                 (loss / len(micro)).backward()
                 total += loss.detach().cpu() / len(micro)
             ctx.example_passes += len(examples)
-            return total
+            # every pass (SAM's two included) leaves the gradient averaged over ranks in .grad
+            return dist.average_gradients(params, total)
 
         if update is None:
             loss = closure()
@@ -158,7 +166,9 @@ def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
         losses.append(value)
         if ctx.step % 10 == 0:
             bar.set_postfix(loss=f"{value:.3f}")
-    return {"task": ctx.task.name, "steps": cfg.steps, "tokens": tokens, "train_seconds": time.perf_counter() - start,
+    tokens = dist.total(tokens)
+    return {"task": ctx.task.name, "steps": ctx.total_steps, "tokens": tokens,
+            "train_seconds": time.perf_counter() - start,
             "trainable_parameters": sum(p.numel() for p in params),
             "first_loss": losses[0], "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
             "loss_curve": losses[:: max(1, len(losses) // 50)]}
@@ -169,38 +179,67 @@ def evaluate(ctx: Context, tasks: list[Task]) -> dict[str, dict[str, float]]:
     ecfg = ctx.config.eval
     out = {}
     for t in tasks:
+        if t.lm_eval is not None:  # lm-evaluation-harness on the in-memory model (clsuite.lm_eval_probe)
+            out[t.name] = t.lm_eval.score(ctx.model, ctx.tokenizer, ecfg.batch_size, ecfg.max_examples)
+            continue
         rows = t.eval if ecfg.max_examples is None else t.eval.select(range(min(len(t.eval), ecfg.max_examples)))
         out[t.name] = score(t.scorer, ctx.model, ctx.tokenizer, list(rows), t.chat, ecfg.max_length,
                             ecfg.batch_size)
     return out
 
 
-def run_stream(ctx: Context, progress: bool = True, on_row: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Evaluate the initial model, then train and evaluate each experience; returns matrices and per-experience logs."""
+def run_stream(ctx: Context, progress: bool = True, on_row: Callable[[int, dict], None] | None = None,
+               after_experience: Callable[[dict[str, Any]], None] | None = None,
+               restore: Callable[[Context], dict[str, Any]] | None = None,
+               initial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the initial model, then train and evaluate each experience; returns matrices and per-experience logs.
+
+    ``initial``: row 0 already evaluated on these very weights (``clsuite.evalcache``), used instead of evaluating.
+    ``on_row(i, row)`` runs after each row that was evaluated here.
+    ``after_experience(result)`` runs at the end of each experience with the rows and logs so far (checkpoints).
+    ``restore(ctx)`` resumes a run: called after ``before_training`` instead of evaluating row 0, it loads a
+    checkpoint's state into ``ctx`` and returns its rows and logs; training continues with the next experience."""
     stream = ctx.stream
     rows, experiences = [], []
 
-    def add_row() -> None:
+    def add_row(cached: dict[str, Any] | None = None) -> None:
+        if not dist.is_main():  # evaluation is rank 0's alone (it writes the record); the others wait for it
+            return dist.barrier()
         t0 = time.perf_counter()
-        rows.append({"tasks": evaluate(ctx, stream.tasks), "probes": evaluate(ctx, stream.probes)})
+        rows.append(cached or {"tasks": evaluate(ctx, stream.tasks), "probes": evaluate(ctx, stream.probes)})
+        bad = [n for part in rows[-1].values() for n, r in part.items() if not math.isfinite(r["score"])]
+        if bad:  # NaN weights can give NaN scores before any NaN loss is seen (e.g. a huge step)
+            raise DivergenceError(f"non-finite score on {', '.join(bad)} after {len(rows) - 1} experience(s): "
+                                  "the weights diverged; lower the learning rate or the strategy's step size")
         if experiences:
             experiences[-1]["eval_seconds"] = time.perf_counter() - t0
-        if on_row:
-            on_row(len(rows) - 1)
+        if on_row and cached is None:
+            on_row(len(rows) - 1, rows[-1])
+        dist.barrier()
 
-    add_row()
-    ctx.call("before_training")
+    if restore is None:
+        add_row(initial)
+    ctx.call("before_training")  # also on resume: a parametrization wraps the model here, then state is loaded
+    if restore is not None:
+        done = restore(ctx)
+        rows.extend(done["rows"])
+        experiences.extend(done["experiences"])
     for ctx.experience, ctx.task in enumerate(tqdm(stream.tasks, desc=f"{ctx.config.strategy} seed {ctx.config.seed}",
                                                    disable=not progress, unit="task")):
+        if ctx.experience < len(experiences):  # trained before the restored checkpoint
+            continue
         ctx.call("before_training_exp")
         experiences.append(train_experience(ctx, progress))
         ctx.call("after_training_exp")
-        if ctx.config.eval.sharpness != "off":  # the weights that are evaluated (after merges / Wise-FT)
+        # the weights that are evaluated (after merges / Wise-FT); like evaluation, rank 0's alone
+        if ctx.config.eval.sharpness != "off" and dist.is_main():
             from .landscape import measure_sharpness
             t0 = time.perf_counter()
             experiences[-1]["sharpness"] = measure_sharpness(ctx, ctx.config.eval.sharpness,
                                                              ctx.config.eval.sharpness_examples)
             experiences[-1]["sharpness_seconds"] = time.perf_counter() - t0
         add_row()
+        if after_experience:
+            after_experience({"rows": rows, "experiences": experiences})
     ctx.call("after_training")
     return {"rows": rows, "experiences": experiences}

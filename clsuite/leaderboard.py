@@ -12,7 +12,7 @@ from .metrics import METRICS
 from .records import RunRecord, find_records, read_record, run_sharpness
 
 # Columns of the markdown table (the CSV keeps every metric).
-SHOWN = ("acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_fg")
+SHOWN = ("acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_loglik_retention", "probe_fg")
 COST = {"compute_multiplier": ("compute ×", False), "extra_memory_bytes": ("extra MiB", False)}
 
 
@@ -24,32 +24,52 @@ def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[RunRecord]]:
         raise UserError(f"no run records under {', '.join(map(str, paths))}: run 'clsuite run' first")
     seen: dict[tuple, Path] = {}
     for f, r in zip(files, recs):  # a cell counted twice would shrink the spread and inflate n
-        key = (r.stream, r.strategy, r.seed)
+        key = (r.stream, r.strategy, r.tag, r.seed)
         if key in seen:
-            raise UserError(f"{seen[key]} and {f} are both {r.strategy} seed {r.seed} on {r.stream}: "
-                            "give each run once (pass only one of the directories)")
+            raise UserError(f"{seen[key]} and {f} are both {row_label(r.strategy, r.tag)} seed {r.seed} on "
+                            f"{r.stream}: give each run once (pass only one of the directories)")
         seen[key] = f
     return [r for r in recs if r.status == "complete"], [r for r in recs if r.status == "failed"]
 
 
+def row_label(strategy: str, tag: str) -> str:
+    """A leaderboard row's name: the strategy, and a sweep cell's hyper-parameters in brackets."""
+    return f"{strategy} [{tag}]" if tag else strategy
+
+
 def frame(records: list[RunRecord]) -> pd.DataFrame:
-    """One row per run: stream, strategy, seed, every metric, cost."""
+    """One row per run: stream, strategy, tag (a sweep's hyper-parameters), seed, every metric, cost."""
     rows = []
     for r in records:
-        row = {"stream": r.stream, "strategy": r.strategy, "seed": r.seed, **r.metrics}
+        row = {"stream": r.stream, "strategy": r.strategy, "tag": r.tag, "seed": r.seed, **r.metrics}
         row["compute_multiplier"] = r.cost.get("compute_multiplier")
         row["extra_memory_bytes"] = (r.cost.get("extra_memory_bytes") or 0) / 2**20
         row.update(run_sharpness(r))
+        row.update(category_retention(r))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def category_retention(r: RunRecord) -> dict[str, float]:
+    """``Δ <category>``: mean over the category's probes of P[T, p] − P[0, p] (the paper reports ΔAVG by category)."""
+    if r.status != "complete" or not r.probes:
+        return {}
+    by_cat: dict[str, list[float]] = {}
+    for i, p in enumerate(r.probes):
+        by_cat.setdefault(r.probe_categories.get(p, p), []).append(r.P[-1][i] - r.P[0][i])
+    return {f"Δ {c}": sum(v) / len(v) for c, v in sorted(by_cat.items())}
+
+
+def _cats(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("Δ ") and not c.endswith("_std")]
+
+
 def aggregate(df: pd.DataFrame, sort_by: str = "acc") -> pd.DataFrame:
-    """Mean and std over seeds per (stream, strategy), ranked by ``sort_by`` in its better direction."""
+    """Mean and std over seeds per (stream, strategy, tag), ranked by ``sort_by`` in its better direction."""
     if sort_by not in METRICS:
         raise UserError(f"cannot sort by {sort_by!r}: choose one of {', '.join(METRICS)}")
-    cols = [m for m in METRICS if m in df.columns] + list(COST) + _sharp(df)
-    g = df.groupby(["stream", "strategy"])
+    cols = [m for m in METRICS if m in df.columns] + _cats(df) + list(COST) + _sharp(df)
+    g = df.groupby(["stream", "strategy", "tag"])
     out = g[cols].mean().join(g[cols].std(ddof=1).add_suffix("_std"))
     out.insert(0, "n", g.size())
     out = out.sort_values(sort_by, ascending=not METRICS[sort_by].higher_is_better, na_position="last")
@@ -67,10 +87,14 @@ def _escape(text: str) -> str:
 
 def to_markdown(agg: pd.DataFrame, digits: int = 3) -> str:
     headers, cols = ["rank", "strategy", "n"], []
-    for m in [m for m in SHOWN if m in agg.columns]:
+    for m in [m for m in SHOWN if m in agg.columns and agg[m].notna().any()]:  # e.g. no BWT with one task
         arrow = "↑" if METRICS[m].higher_is_better else "↓"
         headers.append(f"{m} {arrow}")
         cols.append(m)
+    cats = _cats(agg)
+    for c in cats if len(cats) > 1 else []:  # one category: the same number as probe_retention
+        headers.append(f"{c} ↑")
+        cols.append(c)
     for c in _sharp(agg):  # lower is flatter
         headers.append(f"{c} ↓")
         cols.append(c)
@@ -79,7 +103,7 @@ def to_markdown(agg: pd.DataFrame, digits: int = 3) -> str:
         cols.append(c)
     table = []
     for i, row in agg.iterrows():
-        cells = [i + 1, _escape(row["strategy"]), int(row["n"])]
+        cells = [i + 1, _escape(row_label(row["strategy"], row["tag"])), int(row["n"])]
         for c in cols:
             v, s = row[c], row.get(f"{c}_std")
             if pd.isna(v):
@@ -93,18 +117,19 @@ def to_markdown(agg: pd.DataFrame, digits: int = 3) -> str:
 
 
 def paired_effects(df: pd.DataFrame, plugin: str = "sam", metrics: tuple[str, ...] = SHOWN) -> pd.DataFrame:
-    """Effect of adding ``plugin``: per-seed differences (X+plugin minus X, same stream and seed), mean ± std."""
+    """Effect of adding ``plugin``: per-seed differences (X+plugin minus X, same stream, tag and seed), mean ± std."""
     rows = []
-    for (stream, strategy), with_p in df.groupby(["stream", "strategy"]):
+    for (stream, strategy, tag), with_p in df.groupby(["stream", "strategy", "tag"]):
         parts = strategy.split("+")
         if plugin not in [x.split("(")[0] for x in parts] or len(parts) < 1:
             continue
         base = "+".join(x for x in parts if x.split("(")[0] != plugin) or "naive"
-        without = df[(df.stream == stream) & (df.strategy == base)]
+        without = df[(df.stream == stream) & (df.strategy == base) & (df.tag == tag)]
         both = with_p.merge(without, on="seed", suffixes=("", "_base"))
         if both.empty:
             continue
-        row = {"stream": stream, "comparison": f"{strategy} − {base}", "n": len(both)}
+        comparison = f"{row_label(strategy, tag)} − {row_label(base, tag)}"
+        row = {"stream": stream, "comparison": comparison, "n": len(both)}
         for m in metrics:
             if m in both and both[m].notna().all():
                 d = both[m] - both[f"{m}_base"]
@@ -113,21 +138,33 @@ def paired_effects(df: pd.DataFrame, plugin: str = "sam", metrics: tuple[str, ..
     return pd.DataFrame(rows)
 
 
-def plot(agg: pd.DataFrame, path: Path, title: str) -> None:
-    """ACC against forgetting per strategy, with seed std as error bars."""
+TRADE_OFFS = {"forgetting": "forgetting ↓ (mean drop from best earlier score)",
+              "probe_retention": "probe retention ↑ (mean change of general-ability probes)"}
+
+
+def plot(agg: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> None:
+    """Task score against forgetting of the stream's tasks and of its probes: one panel each (when measured),
+    every run a dot, each strategy's mean ± seed std a bar, so strategies are compared at matched learning."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for _, r in agg.iterrows():
-        ax.errorbar(r["forgetting"], r["acc"], xerr=r.get("forgetting_std") if r["n"] > 1 else None,
-                    yerr=r.get("acc_std") if r["n"] > 1 else None, fmt="o", capsize=3)
-        ax.annotate(f"{r['strategy']} (n={int(r['n'])})", (r["forgetting"], r["acc"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("forgetting ↓ (mean drop from best earlier score)")
-    ax.set_ylabel("ACC ↑ (mean final score over tasks)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
+    xs = [x for x in TRADE_OFFS if x in agg and agg[x].notna().any()] or ["acc"]
+    fig, axes = plt.subplots(1, len(xs), figsize=(6.5 * len(xs), 5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, x in zip(axes[0], xs):
+        for k, (_, r) in enumerate(agg.iterrows()):
+            c = colors[k % len(colors)]
+            mine = runs[(runs.strategy == r["strategy"]) & (runs.tag == r["tag"])]
+            ax.scatter(mine[x], mine["acc"], s=12, color=c, alpha=0.5)
+            many = r["n"] > 1
+            ax.errorbar(r[x], r["acc"], xerr=r.get(f"{x}_std") if many else None,
+                        yerr=r.get("acc_std") if many else None, fmt="o", capsize=3, color=c)
+            ax.annotate(f"{row_label(r['strategy'], r['tag'])} (n={int(r['n'])})", (r[x], r["acc"]),
+                        fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(TRADE_OFFS.get(x, x))
+        ax.set_ylabel("ACC ↑ (mean final score over tasks)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name("." + path.name)
     fig.savefig(tmp, dpi=120, format="png")
@@ -147,7 +184,8 @@ def publish(paths: list[Path], out_root: Path, sort_by: str = "acc") -> dict[str
         d = Path(out_root) / stream
         d.mkdir(parents=True, exist_ok=True)
         md = to_markdown(sub)
-        effects = paired_effects(frame([r for r in complete if r.stream == stream]))
+        runs = frame([r for r in complete if r.stream == stream])
+        effects = paired_effects(runs)
         if not effects.empty:
             eff = effects.drop(columns="stream")
             eff["comparison"] = eff["comparison"].map(_escape)
@@ -155,7 +193,7 @@ def publish(paths: list[Path], out_root: Path, sort_by: str = "acc") -> dict[str
                    "a difference is only worth reading when its mean clearly exceeds its std):\n\n"
                    + tabulate(eff.values.tolist(), headers=list(eff.columns), tablefmt="github",
                               disable_numparse=True))
-        fails = [f"{_escape(r.strategy)} seed {r.seed}" for r in failed if r.stream == stream]
+        fails = [f"{_escape(row_label(r.strategy, r.tag))} seed {r.seed}" for r in failed if r.stream == stream]
         note = f"\n\nFailed runs (not ranked): {', '.join(fails)}" if fails else ""
         text = (f"# Leaderboard: {_escape(stream)}\n\nMean ± std over seeds (n = runs). "
                 f"Ranked by {sort_by}. ↑ higher is better, ↓ lower is better.\n\n{md}{note}\n")
@@ -165,6 +203,6 @@ def publish(paths: list[Path], out_root: Path, sort_by: str = "acc") -> dict[str
         csv_tmp = d / ".leaderboard.csv"
         sub.to_csv(csv_tmp, index=False)
         csv_tmp.replace(d / "leaderboard.csv")
-        plot(sub, d / "leaderboard.png", f"{stream}: ACC vs forgetting")
+        plot(sub, runs, d / "leaderboard.png", f"{stream}: task score against forgetting")
         tables[stream] = md
     return tables

@@ -3,6 +3,8 @@
 R has rows 0..T and columns 0..T-1 (0-based task c): R[i, c] is the score on task c after training
 through task i (1-based), row 0 is the model before the stream, so task c is learned at row c + 1.
 P has the same rows and one column per probe (held-out general-ability sets, never trained on).
+L, when given, is like P but holds the mean log-likelihood of the gold answer of each multiple-choice probe:
+a continuous signal that moves before accuracy does (metrics with ``on="loglik"`` read it).
 Scores may be on any scale (accuracy, exact match, log-likelihood); differences keep that scale.
 probe_fg divides by |P[0, p]| so that FG > 0 means forgetting even for negative (log-likelihood) scores;
 probes with P[0, p] == 0 are skipped, and FG is None when none remain.
@@ -43,6 +45,7 @@ class Metric:
     fn: Callable[[np.ndarray, np.ndarray | None], float | None]
     higher_is_better: bool
     description: str
+    on: str = "scores"  # "loglik": fn gets the gold log-likelihood matrix L in place of P
 
 
 def _acc(R: np.ndarray, P: np.ndarray | None) -> float:
@@ -115,6 +118,8 @@ METRICS: dict[str, Metric] = {
         Metric("forgetting", _forgetting, False, "mean_{c<T-1} (max_{c<i<T} R[i, c] - R[T, c]), Chaudhry 2018"),
         Metric("plasticity", _plasticity, True, "learning accuracy: mean_c R[c+1, c], score right after learning"),
         Metric("probe_retention", _probe_retention, True, "delta AVG: mean_p (P[T, p] - P[0, p]); < 0 is forgetting"),
+        Metric("probe_loglik_retention", _probe_retention, True,
+               "mean_p (L[T, p] - L[0, p]): change of the gold answer's log-likelihood on the probes", on="loglik"),
         Metric("probe_fg", _probe_fg, False, _FG),
         Metric("probe_avg_final", _probe_avg_final, True, "mean_p P[T, p]"),
         Metric("probe_avg_initial", _probe_avg_initial, True, "mean_p P[0, p]"),
@@ -136,16 +141,20 @@ def _matrix(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def compute_metrics(R: Any, P: Any = None) -> dict[str, float | None]:
-    """Compute every metric in METRICS from task scores R, (T+1) x T, and optional probe scores P, (T+1) x K."""
+def compute_metrics(R: Any, P: Any = None, L: Any = None) -> dict[str, float | None]:
+    """Compute every metric in METRICS from task scores R, (T+1) x T, optional probe scores P, (T+1) x K, and
+    optional probe gold log-likelihoods L, (T+1) x K'."""
     R = _matrix(R, "R")
     T = R.shape[1]
     if T < 1 or R.shape[0] != T + 1:
         raise UserError(
             f"R must have T+1 rows (row 0 = before training) and T >= 1 task columns, got shape {R.shape}"
         )
-    if P is not None:
-        P = _matrix(P, "P")
-        if P.shape[0] != T + 1:
-            raise UserError(f"P must have {T + 1} rows like R (row 0 = before training), got shape {P.shape}")
-    return {name: m.fn(R, P) for name, m in METRICS.items()}
+    given = {"scores": P, "loglik": L}
+    for key, name in (("scores", "P"), ("loglik", "L")):
+        if given[key] is not None:
+            given[key] = _matrix(given[key], name)
+            if given[key].shape[0] != T + 1:
+                raise UserError(f"{name} must have {T + 1} rows like R (row 0 = before training), "
+                                f"got shape {given[key].shape}")
+    return {name: m.fn(R, given[m.on]) for name, m in METRICS.items()}

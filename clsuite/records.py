@@ -24,6 +24,7 @@ class RunRecord(BaseModel):
     status: Literal["complete", "failed"]
     stream: str
     strategy: str
+    tag: str = ""  # a sweep cell's hyper-parameters, e.g. "lr=0.0002,steps=20"; "" outside sweeps
     seed: int
     model: str
     config: dict[str, Any]

@@ -5,6 +5,7 @@ that enters the accuracy matrix; other keys are kept beside it in the run record
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,6 +39,12 @@ def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
         ids[i, width - len(s):] = torch.tensor(s)
         mask[i, width - len(s):] = 1
     return ids, mask
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The name of the KV-cache argument and output: ``cache`` in newer transformers, ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _pad_id(tok: Any) -> int:
@@ -86,12 +93,13 @@ def choice_logliks(model, tok, examples: list[dict], chat: bool, max_length: int
         for i, (_, c) in enumerate(flat):
             cids[i, :len(c)] = torch.tensor(c, device=dev)
             cmask[i, :len(c)] = 1
-        cache = out.past_key_values
+        key = _cache_kwarg(model)
+        cache = getattr(out, key)
         cache.batch_repeat_interleave(k)
         start = pmask.sum(-1).repeat_interleave(k)[:, None]
         cpos = start + torch.arange(width, device=dev)[None]
         full_mask = torch.cat([pmask.repeat_interleave(k, 0), cmask], dim=1)
-        logits = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos, past_key_values=cache).logits
+        logits = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos, **{key: cache}).logits
         logp = F.log_softmax(logits.float(), -1)
         tok_lp = torch.cat([first.repeat_interleave(k, 0).gather(1, cids[:, :1]),
                             logp[:, :-1].gather(2, cids[:, 1:, None]).squeeze(-1)], dim=1)

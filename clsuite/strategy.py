@@ -80,10 +80,11 @@ class Strategy:
         return 0
 
     def state_dict(self) -> dict[str, Any]:
+        """Its state between experiences, for checkpoints: tensors and JSON values (tuples come back as lists)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore a ``state_dict()``; on resume it runs after ``before_training``, whose effects it must override."""
 
     def conflict(self, others: list["Strategy"]) -> str | None:
         """Why this plugin cannot run beside ``others`` (checked at parse time), or None."""

@@ -30,6 +30,7 @@ class Task:
     scorer: str
     category: str = ""
     chat: bool = False  # format prompts with the tokenizer's chat template
+    lm_eval: Any = None  # a probe scored by lm-evaluation-harness (clsuite.lm_eval_probe.LmEvalProbe); eval is empty
 
 
 @dataclass
@@ -169,15 +170,22 @@ def _load_source(src: dict, seed: int, where: str) -> dict[str, Dataset]:
             raise UserError(f"{where}: data builder {name!r} rejects the arguments {src!r:.100} "
                             f"({type(e).__name__}: {_first_line(e)})") from None
         return out if isinstance(out, dict) else {"train": out}
+    return load_hf(src, where)
+
+
+def load_hf(args: dict, where: str) -> dict[str, Dataset]:
+    """``datasets.load_dataset(**args)`` (hub id or local files) as {split: Dataset}; failures are a UserError."""
     try:
-        ds = load_dataset(**src)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        raise UserError(f"{where}: cannot load data {src!r:.100}: {_first_line(e)}") from None
+        ds = load_dataset(**args)
+    except (FileNotFoundError, ValueError, TypeError, ConnectionError) as e:  # ConnectionError: hub data offline
+        raise UserError(f"{where}: cannot load data {args!r:.100}: {_first_line(e)}") from None
     return dict(ds) if isinstance(ds, DatasetDict) else {"train": ds}
 
 
 def _build_task(spec: dict, seed: int, probe: bool, where: str, chat: bool = False) -> Task:
     _need(isinstance(spec, dict), where, "a task is a mapping with name, source and scorer", spec)
+    if "lm_eval" in spec:
+        return _lm_eval_task(spec, probe, where)
     for key in ("name", "source", "scorer"):
         if key not in spec:
             raise UserError(f"{where}: missing '{key}:' (a task needs name, source and scorer)")
@@ -208,6 +216,20 @@ def _build_task(spec: dict, seed: int, probe: bool, where: str, chat: bool = Fal
     tr = None if probe else _format_rows(splits[train_split], spec, where)
     return Task(spec["name"], tr, ev, spec["scorer"], spec.get("category", ""),
                 bool(spec.get("chat_template", chat)))
+
+
+def _lm_eval_task(spec: dict, probe: bool, where: str) -> Task:
+    """A probe scored by lm-evaluation-harness: ``{name, category, lm_eval: {task, num_fewshot, ...}}``."""
+    if not probe:
+        raise UserError(f"{where}: 'lm_eval:' is for probes (scored, never trained on); move the entry under probes:")
+    for key in ("name", "category"):
+        _need(isinstance(spec.get(key, ""), str), where, f"'{key}:' must be a string", spec.get(key))
+    if not spec.get("name"):
+        raise UserError(f"{where}: missing 'name:' (an lm_eval probe needs name and lm_eval)")
+    from .lm_eval_probe import load_probe
+    empty = Dataset.from_dict({"prompt": [], "target": []})
+    return Task(spec["name"], None, empty, "lm_eval", spec.get("category", ""),
+                lm_eval=load_probe(spec, f"{where} ({spec['name']})"))
 
 
 def load_stream(name_or_path: str) -> Stream:

@@ -43,7 +43,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from clsuite.errors import DivergenceError
+from clsuite import distributed
+from clsuite.errors import DivergenceError, UserError
 from clsuite.strategy import Params, Strategy, register
 
 
@@ -53,6 +54,8 @@ class EWCParams(Params):
     mode: Literal["separate", "online"] = Field(
         "separate", description="separate: one (Fisher, anchor) per task; online: one decayed Fisher, latest anchor")
     gamma: float = Field(1.0, ge=0, le=1, description="online mode: F <- gamma * F_old + F_new")
+    general: int = Field(0, ge=0, description="examples of the stream's general data for a Fisher taken before the "
+                                              "first experience, anchored at the initial weights (0: none)")
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -92,33 +95,56 @@ class EWC(Strategy):
         return random.Random(f"clsuite-ewc-{seed}-{experience}").sample(range(n), min(self.params.samples, n))
 
     def fisher(self, ctx: Any, rows: list[dict]) -> dict[str, torch.Tensor]:
-        """Empirical diagonal Fisher: mean over ``rows`` of the squared per-example gradient of ``ctx.loss``."""
+        """Empirical diagonal Fisher: mean over ``rows`` of the squared per-example gradient of ``ctx.loss``.
+
+        Under data parallelism each rank takes a strided share of ``rows`` and the sums are all-reduced, so every
+        rank holds the same Fisher (the one process's, up to the order of the sum)."""
         params = self._trainable(ctx.model)
         names, tensors = list(params), list(params.values())
         acc = {n: torch.zeros_like(p, dtype=_wide(p.dtype)) for n, p in params.items()}
         was_training = ctx.model.training
         ctx.model.eval()  # no dropout noise in the per-example gradients
+        bad = torch.zeros(())  # non-finite losses met; summed over ranks with the Fisher, so all ranks raise
         try:
-            for row in rows:
+            for row in distributed.shard(rows):
                 loss = ctx.loss([row])
                 if not torch.isfinite(loss):
-                    raise DivergenceError(f"non-finite loss {float(loss)} while computing EWC's Fisher "
-                                          f"on task {getattr(ctx.task, 'name', '?')!r}")
+                    bad += 1
+                    break
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True)
                 for n, g in zip(names, grads):
                     if g is not None:
                         acc[n].add_(g.detach().to(acc[n].dtype).pow(2))
         finally:
             ctx.model.train(was_training)
+        distributed.all_reduce_sum_(list(acc.values()) + [bad])
+        if bad:
+            raise DivergenceError(f"non-finite loss while computing EWC's Fisher on task "
+                                  f"{getattr(ctx.task, 'name', '?')!r}")
         ctx.example_passes += len(rows)
         return {n: a.div_(max(1, len(rows))) for n, a in acc.items()}
 
+    def before_training(self, ctx: Any) -> None:
+        """With ``general``: protect what the initial model knows, as if its general data were a task learned."""
+        if not self.params.general:
+            return
+        data = ctx.stream.general
+        if data is None or len(data) == 0:
+            raise UserError(f"ewc(general={self.params.general}) needs general data, but stream {ctx.stream.name!r} "
+                            "has none: add 'general_data: {source: ...}' to the stream file or use ewc(general=0)")
+        idx = random.Random(f"clsuite-ewc-{ctx.config.seed}-general").sample(
+            range(len(data)), min(self.params.general, len(data)))
+        self._store(ctx, self.fisher(ctx, [data[i] for i in idx]), -1)
+
     def after_training_exp(self, ctx: Any) -> None:
         data = ctx.task.train if ctx.task is not None else None
-        if data is None or len(data) == 0:
-            return
+        last = ctx.stream is not None and ctx.experience == len(ctx.stream.tasks) - 1
+        if data is None or len(data) == 0 or last:
+            return  # after the last experience no later task would be penalised
         rows = [data[i] for i in self.sample_indices(len(data), ctx.config.seed, ctx.experience)]
-        new_f = self.fisher(ctx, rows)
+        self._store(ctx, self.fisher(ctx, rows), ctx.experience)
+
+    def _store(self, ctx: Any, new_f: dict[str, torch.Tensor], experience: int) -> None:
         anchor = {n: p.detach().clone() for n, p in self._trainable(ctx.model).items()}
         if self.params.mode == "online":
             if self.fishers:  # F <- gamma * F_old + F_new; a name whose shape changed starts afresh
@@ -126,11 +152,11 @@ class EWC(Strategy):
                 for n, f in new_f.items():
                     if n in old and old[n].shape == f.shape:
                         f.add_(old[n].to(device=f.device, dtype=f.dtype), alpha=self.params.gamma)
-            self.fishers, self.anchors, self.experiences = [new_f], [anchor], [ctx.experience]
+            self.fishers, self.anchors, self.experiences = [new_f], [anchor], [experience]
         else:
             self.fishers.append(new_f)
             self.anchors.append(anchor)
-            self.experiences.append(ctx.experience)
+            self.experiences.append(experience)
 
     # --- the penalty ----------------------------------------------------------------------------------------
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:

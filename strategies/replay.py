@@ -23,7 +23,9 @@ Replayed examples are drawn uniformly without replacement (with replacement only
 than the request). The closure fixes the mixed batch for all passes of the step (e.g. SAM's second pass).
 
 **Randomness** comes from the plugin's own ``random.Random`` seeded from the run seed, so replay does not shift
-the random draws of other plugins, and its state is part of ``state_dict()``.
+the random draws of other plugins, and its state is part of ``state_dict()``. Under data parallelism every rank
+therefore holds the same buffer and draws the same replayed examples: the buffer is filled from the task's
+rows, and ``before_training_iteration`` sees the global batch (the engine shards it afterwards).
 
 **Memory** (``extra_memory_bytes``): UTF-8 bytes of the strings held in the buffer (prompt, target and any
 choices); Python object overhead is not counted, the general data belongs to the stream.

@@ -22,9 +22,10 @@ Details that public implementations get wrong, and how this one handles them:
   examples (the engine's loss is a per-example mean, see ``clsuite.data.lm_loss``).
 * **Penalty terms and replay.** Each pass calls every loss plugin's ``before_backward`` and uses the batch the
   data plugins built, so EWC's penalty and replayed examples are in ``g_sam`` too.
-* **DDP.** Under data parallelism the gradient in ``.grad`` after the closure is the all-reduced one, so
-  ``‖g‖`` is global over devices as well as parameters and every replica computes the same ``e`` (the replicas
-  stay identical). Skipping the first pass's all-reduce (``no_sync``) would give per-device perturbations
+* **DDP.** Under data parallelism (``clsuite.distributed``) the engine's closure ends by averaging ``.grad`` over
+  ranks, so after each pass the gradient is the global batch's, ``‖g‖`` is global over devices as well as
+  parameters, and every replica computes the same ``e`` (the replicas stay identical; ``rho`` does not change
+  with the number of processes). Skipping the first pass's all-reduce (``no_sync``) would give per-device perturbations
   (Foret et al.'s m-sharpness) at one all-reduce less; clsuite does not do that. A sharded engine (FSDP) must
   all-reduce the squared shard norms before ``e`` is formed; ``_global_norm`` is the one place to do it.
 * **Exact restore.** Subtracting ``e`` after adding it is not exact in floating point (``(w + e) − e ≠ w`` in
@@ -133,7 +134,7 @@ class SAM(Strategy):
     def optimizer_step(self, ctx: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         loss = closure()  # pass 1: g at w (all micro-batches, every loss plugin's term)
         params = [p for p in ctx.trainable_parameters() if p.grad is not None]
-        rho = self.rho_at(ctx.step, ctx.config.train.steps)
+        rho = self.rho_at(ctx.step, ctx.total_steps)
         with torch.no_grad():
             factor = self._factor(params, rho)
             if factor is None:

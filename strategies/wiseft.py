@@ -200,10 +200,11 @@ class WiseFT(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         return {"anchor": {k: v.clone() for k, v in self.anchor.items()}, "lora_implicit": self.lora_implicit,
-                "deferred": self._deferred}
+                "deferred": self._deferred, "peak_bytes": self._peak_bytes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.anchor = {k: v.detach().to("cpu", copy=True) for k, v in state["anchor"].items()}
         self.lora_implicit = bool(state["lora_implicit"])
         self._deferred = bool(state.get("deferred", False))
+        self._peak_bytes = int(state["peak_bytes"])  # the record's extra_memory_bytes, exact after a resume
         self._track()

@@ -56,6 +56,15 @@ def test_divergence_writes_failed_record(tiny_stream, tmp_path):
     assert rec["status"] == "failed" and "non-finite" in rec["error"]
 
 
+def test_diverged_weights_found_by_evaluation_write_failed_record(tiny_stream, tmp_path):
+    from clsuite.errors import DivergenceError
+    cfg = resolve_config(tiny_stream, "naive", 0, train={"lr": 1e30, "steps": 1})  # one step: no NaN loss seen
+    with pytest.raises(DivergenceError, match="non-finite score"):
+        run_one(tiny_stream, cfg, tmp_path, progress=False)
+    rec = json.loads(next(tmp_path.rglob("seed0.json")).read_text())
+    assert rec["status"] == "failed" and "diverged" in rec["error"]
+
+
 def test_bad_training_settings(tiny_stream):
     from clsuite.errors import UserError
     with pytest.raises(UserError, match="lr"):

@@ -250,7 +250,7 @@ def test_fisher_on_tiny_llama_matches_per_example_autograd():
     data = Dataset.from_list(rows)
     task = Task("unit", data, data, "exact_match")
     plugins = build_strategy("ewc(samples=2)")
-    ctx = Context(model, tok, Stream("unit", [task], [], "none"), RunConfig(stream="unit", strategy="ewc"),
+    ctx = Context(model, tok, Stream("unit", [task, task], [], "none"), RunConfig(stream="unit", strategy="ewc"),
                   plugins, random.Random(0))
     ctx.experience, ctx.task = 0, task
     ctx.call("after_training_exp")
@@ -268,3 +268,23 @@ def test_fisher_on_tiny_llama_matches_per_example_autograd():
         torch.testing.assert_close(ewc.fishers[0][n], want[n], atol=1e-7, rtol=1e-5, msg=n)
     assert sum(float(f.sum()) for f in ewc.fishers[0].values()) > 0
     assert ewc.extra_memory_bytes() == 2 * 4 * sum(p.numel() for p in trainable.values())
+
+
+def test_no_fisher_after_the_last_experience_and_a_general_fisher_before_the_first():
+    from clsuite.streams import Stream
+    model, tok = tiny_llama()
+    general = Dataset.from_list([{"prompt": f"copy {c}:", "target": c} for c in "abcdef"])
+    task = Task("unit", general, general, "exact_match")
+    plugins = build_strategy("ewc(general=4)")
+    stream = Stream("unit", [task], [], "none", general=general)
+    ctx = Context(model, tok, stream, RunConfig(stream="unit", strategy="ewc(general=4)"), plugins, random.Random(0))
+    ewc = plugins[0]
+    ctx.call("before_training")
+    assert ewc.experiences == [-1] and ctx.example_passes == 4  # anchored at the initial weights
+    torch.testing.assert_close(ewc.anchors[0]["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+    ctx.experience, ctx.task = 0, task
+    ctx.call("after_training_exp")
+    assert ewc.experiences == [-1] and ctx.example_passes == 4  # the last task's Fisher would protect nothing
+    with pytest.raises(UserError, match="needs general data"):
+        build_strategy("ewc(general=4)")[0].before_training(
+            Context(model, tok, Stream("unit", [task], [], "none"), ctx.config, plugins, random.Random(0)))

@@ -54,3 +54,18 @@ def test_duplicate_cells_are_refused(tmp_path):
     with pytest.raises(UserError, match="both naive seed 0"):
         load_records([tmp_path / "a", tmp_path / "b"])
     assert len(load_records([tmp_path / "a"])[0]) == 1
+
+
+def test_retention_by_probe_category():
+    r = _rec("naive", 0, 0.5, 0.1).model_copy(update={
+        "probes": ["capitals", "currencies", "grammar"],
+        "probe_categories": {"capitals": "knowledge", "currencies": "knowledge", "grammar": "linguistic"},
+        "P": [[0.8, 0.6, 0.9], [0.7, 0.5, 0.9], [0.6, 0.2, 0.8]]})
+    agg = aggregate(frame([r]))
+    row = agg.iloc[0]
+    assert abs(row["Δ knowledge"] - (-0.3)) < 1e-12 and abs(row["Δ linguistic"] - (-0.1)) < 1e-12
+    md = to_markdown(agg)
+    assert "Δ knowledge ↑" in md and "-0.300" in md
+    one = _rec("naive", 0, 0.5, 0.1).model_copy(update={"probes": ["g"], "probe_categories": {"g": "x"},
+                                                      "P": [[1.0], [1.0], [0.5]]})
+    assert "Δ x" not in to_markdown(aggregate(frame([one])))  # one category repeats probe_retention

@@ -111,13 +111,24 @@ def test_single_task() -> None:
 
 
 def test_registry_and_plain_floats() -> None:
-    assert list(METRICS)[:7] == ["acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_fg"]
+    assert list(METRICS)[:8] == ["acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention",
+                                 "probe_loglik_retention", "probe_fg"]
     assert not METRICS["forgetting"].higher_is_better and not METRICS["probe_fg"].higher_is_better
     assert METRICS["acc"].higher_is_better and METRICS["bwt"].higher_is_better
     assert all(m.description and "\n" not in m.description for m in METRICS.values())
-    got = compute_metrics(np.array(A), np.array(P_A))
+    got = compute_metrics(np.array(A), np.array(P_A), np.array(P_A) - 5)
     assert set(got) == set(METRICS)
     assert all(type(v) is float for v in got.values())
+
+
+def test_loglik_metrics_read_the_loglik_matrix() -> None:
+    L = [[-5.0, -2.0], [-6.0, -2.5], [-6.5, -3.0], [-7.0, -2.0]]
+    got = compute_metrics(A, P_A, L)
+    assert got["probe_loglik_retention"] == pytest.approx(((-7.0 + 5.0) + (-2.0 + 2.0)) / 2)
+    assert got["probe_retention"] == compute_metrics(A, P_A)["probe_retention"]  # P, not L
+    assert compute_metrics(A, P_A)["probe_loglik_retention"] is None
+    with pytest.raises(UserError, match="L must have 4 rows"):
+        compute_metrics(A, P_A, L[:2])
 
 
 @pytest.mark.parametrize(

@@ -56,7 +56,7 @@ def make_ctx(model: nn.Module, spec: str, lr: float = 0.1, steps: int = 10, step
                     train=TrainConfig(optimizer="SGD", lr=1.0, steps=steps, max_grad_norm=None))
     ctx = Context(model, None, None, cfg, plugins, random.Random(0))
     ctx.optimizer = torch.optim.SGD(ctx.trainable_parameters(), lr=lr)  # lr=0 allowed here (not in TrainConfig)
-    ctx.step = step
+    ctx.step, ctx.total_steps = step, steps  # as train_experience sets them
     return ctx
 
 

@@ -1,0 +1,228 @@
+"""Per-experience checkpoints of a run, from which ``clsuite run --resume`` continues after the last experience.
+
+A run's checkpoint is the directory ``seed<k>.ckpt/`` beside its record. It holds the state at the end of one
+experience (after ``after_training_exp`` and the evaluation row that follows it):
+
+* ``exp<i>.model.safetensors``: the model. A plain model is stored whole (every parameter and persistent
+  buffer): after ``lora(mode=merge)`` the merged base weights have changed, and without a parametrization every
+  weight is trained. A PEFT-wrapped model (``lora``, mode=continue) stores only its trainable parameters, the
+  adapter: its base is frozen from the wrap, before any training, and nothing writes it while it is wrapped.
+* ``exp<i>.state.safetensors``: the tensors of every plugin's ``state_dict()`` (EWC's Fisher and anchors,
+  Wise-FT's anchor, a LoRA adapter) and torch's random state (with each CUDA device's when the model is on CUDA).
+* ``checkpoint.json``: what identifies the run (its validated config and the stream's task and probe names), the
+  evaluation rows and per-experience logs so far, ``ctx.example_passes``, the states of Python's ``random``, of
+  numpy and of the context's ``rng``, and each plugin's ``state_dict()`` with its tensors replaced by
+  ``{"__tensor__": key}`` references into ``exp<i>.state.safetensors``.
+
+No optimizer or scheduler state is stored: ``engine.train_experience`` builds both afresh for every experience,
+and seeds its batch order from the run's seed and the experience index. Reading uses ``json`` and
+``safetensors`` only (no pickle).
+
+``checkpoint.json`` is the commit point: the tensor files of experience i are written under new names (each to a
+temporary name, synced, renamed), then ``checkpoint.json`` is replaced atomically, then the previous experience's
+files are deleted. A kill at any moment leaves a ``checkpoint.json`` that names complete files. Only the latest
+checkpoint is kept; the runner deletes it once the run's final record is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pydantic
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig
+from .errors import UserError
+from .records import atomic_write_json
+
+if TYPE_CHECKING:
+    from .engine import Context
+    from .streams import Stream
+
+FORMAT = 1
+META = "checkpoint.json"
+_TENSOR = "__tensor__"  # {"__tensor__": key}: a tensor of a plugin state, stored under key in the state file
+_FIX = "delete it, or run with --force to start the run over"
+
+
+@dataclass
+class Checkpoint:
+    """A checked checkpoint: its directory and JSON part (the tensors are read when it is restored)."""
+    path: Path
+    meta: dict[str, Any]
+
+
+def has_checkpoint(path: Path) -> bool:
+    """Whether ``path`` holds a committed checkpoint (a first write killed before its commit leaves none)."""
+    return (Path(path) / META).is_file()
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete the checkpoint directory ``path`` if there is one."""
+    if Path(path).exists():
+        shutil.rmtree(path)
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors a checkpoint stores, by name (see the module docstring)."""
+    from peft import PeftModel
+    if isinstance(model, PeftModel):
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    persistent = model.state_dict(keep_vars=True).keys()
+    return {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in persistent}}
+
+
+def save_checkpoint(path: Path, ctx: Context, result: dict[str, Any]) -> None:
+    """Write the state after experience ``ctx.experience`` to ``path``; ``result``: the engine's rows and logs."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    plugins = [{"name": p.name, "state": _split(p.state_dict(), tensors, f"plugin{i}", p.name)}
+               for i, p in enumerate(ctx.plugins)]
+    tensors["rng.torch"] = torch.get_rng_state()
+    if ctx.device.type == "cuda":
+        tensors.update((f"rng.cuda.{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all()))
+    files = {"model": f"exp{ctx.experience}.model.safetensors", "state": f"exp{ctx.experience}.state.safetensors"}
+    _write_tensors(path / files["model"], model_tensors(ctx.model))
+    _write_tensors(path / files["state"], tensors)
+    np_state = np.random.get_state()
+    meta = {"format": FORMAT, **_identity(ctx.config, ctx.stream), "experience": ctx.experience, "files": files,
+            "rows": result["rows"], "experiences": result["experiences"], "example_passes": ctx.example_passes,
+            "rng": {"python": _py_state(random.getstate()), "ctx": _py_state(ctx.rng.getstate()),
+                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+            "plugins": plugins}
+    atomic_write_json(path / META, meta)
+    for f in path.iterdir():  # the previous experience's files, and temporary files of a killed write
+        if f.name not in (META, *files.values()):
+            f.unlink()
+
+
+def load_checkpoint(path: Path, cfg: RunConfig, stream: Stream) -> Checkpoint:
+    """Read the checkpoint in ``path``; a UserError if it is unreadable or was written by a run of other settings."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+    except (ValueError, OSError) as e:
+        raise UserError(f"checkpoint {path / META} cannot be read ({e}); {_FIX}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path / META} is not a clsuite checkpoint of format {FORMAT}; {_FIX}")
+    want = _identity(cfg, stream)
+    try:  # validated, so settings added to clsuite since the checkpoint compare at their defaults
+        same = RunConfig.model_validate(meta.get("config")) == cfg
+    except pydantic.ValidationError:
+        same = False
+    if not same or meta.get("tasks") != want["tasks"] or meta.get("probes") != want["probes"]:
+        raise UserError(f"checkpoint {path} was written by a run with other settings; run with --force to start "
+                        "over, or use another --out")
+    return Checkpoint(path, meta)
+
+
+def restore_checkpoint(ctx: Context, ckpt: Checkpoint) -> dict[str, Any]:
+    """Load ``ckpt`` into ``ctx`` after ``before_training``: weights, plugin states, counters, random states.
+
+    Returns the checkpoint's rows and per-experience logs (the engine's ``restore`` callback)."""
+    meta = ckpt.meta
+    try:
+        model = load_file(ckpt.path / meta["files"]["model"])
+        tensors = load_file(ckpt.path / meta["files"]["state"])
+    except (KeyError, TypeError, OSError, SafetensorError) as e:
+        raise UserError(f"checkpoint {ckpt.path} is incomplete or damaged ({e}); {_FIX}") from None
+    _load_model(ctx.model, model, ckpt.path)
+    saved = [e["name"] for e in meta["plugins"]]
+    if saved != [p.name for p in ctx.plugins]:
+        raise UserError(f"checkpoint {ckpt.path} holds the states of plugins {saved}, this run has "
+                        f"{[p.name for p in ctx.plugins]}; {_FIX}")
+    for p, entry in zip(ctx.plugins, meta["plugins"]):
+        p.load_state_dict(_join(entry["state"], tensors, ctx.device))
+    ctx.example_passes = meta["example_passes"]
+    ctx.rng.setstate(_py_state_back(meta["rng"]["ctx"]))
+    random.setstate(_py_state_back(meta["rng"]["python"]))
+    name, keys, *rest = meta["rng"]["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
+    if cuda:
+        if torch.cuda.device_count() != len(cuda):
+            raise UserError(f"checkpoint {ckpt.path} was written with {len(cuda)} CUDA devices, this machine has "
+                            f"{torch.cuda.device_count()}: resume it on the same hardware, or {_FIX}")
+        torch.cuda.set_rng_state_all(cuda)
+    return {"rows": meta["rows"], "experiences": meta["experiences"]}
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+def _identity(cfg: RunConfig, stream: Stream) -> dict[str, Any]:
+    return {"config": cfg.model_dump(), "tasks": [t.name for t in stream.tasks],
+            "probes": [p.name for p in stream.probes]}
+
+
+def _py_state(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_state_back(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file written under a temporary name, synced, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _split(value: Any, tensors: dict[str, torch.Tensor], prefix: str, owner: str) -> Any:
+    """``value`` as JSON: each tensor moved into ``tensors`` under a new key and replaced by a reference to it."""
+    if isinstance(value, torch.Tensor):
+        key = f"{prefix}.{len(tensors)}"
+        tensors[key] = value
+        return {_TENSOR: key}
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str) or k == _TENSOR:
+                raise TypeError(f"{owner}.state_dict() has the dict key {k!r}: a checkpoint keeps str keys "
+                                f"other than {_TENSOR!r} only")
+        return {k: _split(v, tensors, prefix, owner) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, tensors, prefix, owner) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{owner}.state_dict() holds a {type(value).__name__}: a checkpoint keeps tensors, str, int, "
+                    "float, bool, None, lists and str-keyed dicts only")
+
+
+def _join(value: Any, tensors: dict[str, torch.Tensor], device: torch.device) -> Any:
+    """The inverse of ``_split``: references replaced by their tensors, on ``device`` (the model's)."""
+    if isinstance(value, dict):
+        if value.keys() == {_TENSOR}:
+            return tensors[value[_TENSOR]].to(device)
+        return {k: _join(v, tensors, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors, device) for v in value]
+    return value
+
+
+def _load_model(model: torch.nn.Module, saved: dict[str, torch.Tensor], where: Path) -> None:
+    own = model_tensors(model)
+    if own.keys() != saved.keys():
+        odd = sorted(own.keys() ^ saved.keys())
+        raise UserError(f"checkpoint {where} does not fit the model: {len(odd)} tensor names differ "
+                        f"(e.g. {odd[0]!r}); {_FIX}")
+    for n, t in own.items():
+        if t.shape != saved[n].shape or t.dtype != saved[n].dtype:
+            raise UserError(f"checkpoint {where} does not fit the model: {n} is {saved[n].dtype} "
+                            f"{tuple(saved[n].shape)} there, {t.dtype} {tuple(t.shape)} here; {_FIX}")
+    with torch.no_grad():
+        for n, t in own.items():
+            t.copy_(saved[n])

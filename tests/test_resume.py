@@ -1,0 +1,169 @@
+"""Checkpoints and resume: a run interrupted after an experience and resumed writes the record of an uninterrupted one."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clsuite import checkpoint, runner
+from clsuite.checkpoint import META
+from clsuite.errors import UserError
+from clsuite.runner import record_path, resolve_config, run_one
+
+CLOCK = {"wall_seconds", "train_seconds", "eval_seconds", "sharpness_seconds", "provenance"}  # provenance: argv
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread here and in the subprocesses: the same float sums everywhere, and no crawl on shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def comparable(path: Path) -> dict:
+    """A record without its wall-clock fields and provenance."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in CLOCK}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+    return strip(json.loads(path.read_text()))
+
+
+class Killed(Exception):
+    """Stands for a kill right after the first experience's checkpoint."""
+
+
+def interrupt_after_first(monkeypatch, stream, cfg, out) -> Path:
+    """Run ``cfg`` until the checkpoint after experience 0 is written, then stop it; returns the checkpoint."""
+    real = runner.save_checkpoint
+
+    def save_then_die(path, ctx, result):
+        real(path, ctx, result)
+        raise Killed
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run_one(stream, cfg, out, progress=False)
+    monkeypatch.setattr(runner, "save_checkpoint", real)
+    ckpt = record_path(out, cfg).with_suffix(".ckpt")
+    assert json.loads((ckpt / META).read_text())["experience"] == 0
+    assert not record_path(out, cfg).exists()
+    return ckpt
+
+
+@pytest.mark.parametrize("spec", ["naive", "sam", "ewc(samples=8)", "replay(general=0.5)", "wiseft", "lora",
+                                  "lora(mode=merge)+wiseft", "sam+ewc(samples=8)+replay"])
+def test_resumed_run_equals_uninterrupted(spec, tiny_stream, tmp_path, monkeypatch):
+    cfg = resolve_config(tiny_stream, spec, 0)
+    ref = run_one(tiny_stream, cfg, tmp_path / "ref", progress=False)
+    assert not ref.with_suffix(".ckpt").exists()  # deleted once the record is written
+    ckpt = interrupt_after_first(monkeypatch, tiny_stream, cfg, tmp_path / "cut")
+    resumed = run_one(tiny_stream, cfg, tmp_path / "cut", progress=False, resume=True)
+    assert comparable(resumed) == comparable(ref)
+    assert not ckpt.exists()
+
+
+def test_checkpoint_holds_what_restores_the_model(tiny_stream, tmp_path, monkeypatch):
+    """Plain model: every weight; lora(mode=continue): the adapter only; lora(mode=merge): the merged model."""
+    names = {}
+    for spec in ("naive", "lora", "lora(mode=merge)"):
+        ckpt = interrupt_after_first(monkeypatch, tiny_stream, resolve_config(tiny_stream, spec, 0), tmp_path / spec)
+        meta = json.loads((ckpt / META).read_text())
+        assert sorted(p.name for p in ckpt.iterdir()) == sorted([META, *meta["files"].values()])
+        names[spec] = set(load_file(ckpt / meta["files"]["model"]))
+        state = load_file(ckpt / meta["files"]["state"])
+        assert "rng.torch" in state and len(meta["rows"]) == 2 and len(meta["experiences"]) == 1
+    assert names["lora"] and all(".lora_" in n for n in names["lora"])
+    assert names["lora(mode=merge)"] == names["naive"] and not any(".lora_" in n for n in names["naive"])
+
+
+def test_kill_while_writing_keeps_the_previous_checkpoint(tiny_stream, tmp_path, monkeypatch):
+    """A write that dies after experience 1's model file is in place leaves experience 0's checkpoint usable."""
+    cfg = resolve_config(tiny_stream, "ewc(samples=8)+replay", 0)
+    ref = run_one(tiny_stream, cfg, tmp_path / "ref", progress=False)
+    real = checkpoint._write_tensors
+
+    def die_on_second_state_file(path, tensors):
+        if path.name == "exp1.state.safetensors":
+            path.with_name(f".{path.name}.tmp").write_bytes(b"half a file")
+            raise Killed
+        real(path, tensors)
+
+    monkeypatch.setattr(checkpoint, "_write_tensors", die_on_second_state_file)
+    with pytest.raises(Killed):
+        run_one(tiny_stream, cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(checkpoint, "_write_tensors", real)
+    ckpt = record_path(tmp_path / "cut", cfg).with_suffix(".ckpt")
+    assert (ckpt / "exp1.model.safetensors").exists()
+    assert json.loads((ckpt / META).read_text())["experience"] == 0
+    assert comparable(run_one(tiny_stream, cfg, tmp_path / "cut", progress=False, resume=True)) == comparable(ref)
+
+
+def test_checkpoint_of_other_settings_or_without_resume(tiny_stream, tmp_path, monkeypatch):
+    cfg = resolve_config(tiny_stream, "naive", 0)
+    ckpt = interrupt_after_first(monkeypatch, tiny_stream, cfg, tmp_path)
+    other = resolve_config(tiny_stream, "naive", 0, train={"lr": 1e-5})
+    with pytest.raises(UserError, match=r"other settings; run with --force"):
+        run_one(tiny_stream, other, tmp_path, progress=False, resume=True)
+    with pytest.raises(UserError, match=r"interrupted run of this cell: add --resume"):
+        run_one(tiny_stream, cfg, tmp_path, progress=False)
+    (ckpt / "exp0.model.safetensors").write_bytes(b"torn")
+    with pytest.raises(UserError, match=r"incomplete or damaged .*--force"):
+        run_one(tiny_stream, cfg, tmp_path, progress=False, resume=True)
+    fresh = run_one(tiny_stream, cfg, tmp_path, progress=False, force=True)  # --force starts over
+    assert json.loads(fresh.read_text())["status"] == "complete" and not ckpt.exists()
+
+
+def test_plugin_state_must_be_tensors_and_json():
+    with pytest.raises(TypeError, match="holds a set"):
+        checkpoint._split({"seen": {1, 2}}, {}, "plugin0", "mine")
+    with pytest.raises(TypeError, match="dict key 3"):
+        checkpoint._split({"counts": {3: 1}}, {}, "plugin0", "mine")
+    tensors = {}
+    state = {"a": [torch.ones(2), (1, "x")], "b": None}
+    back = checkpoint._join(json.loads(json.dumps(checkpoint._split(state, tensors, "plugin0", "mine"))), tensors,
+                            torch.device("cpu"))
+    assert torch.equal(back["a"][0], torch.ones(2)) and back["a"][1] == [1, "x"] and back["b"] is None
+
+
+def test_sigkill_mid_experience_then_resume(tiny_stream, tiny_stream_path, tmp_path):
+    """A real kill: SIGKILL the CLI while it trains experience 2 (index 1); ``--resume`` then writes the record of an
+    uninterrupted run. The kill waits for the progress bar to show a step of that experience."""
+    spec, steps = "sam+ewc(samples=8)+replay", 30
+    cfg = resolve_config(tiny_stream, spec, 0, train={"steps": steps})
+    ref = run_one(tiny_stream, cfg, tmp_path / "ref", progress=False)
+    out = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "clsuite.cli", "run", "--stream", tiny_stream_path, "--strategies", spec,
+           "--set", f"steps={steps}", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "killed.log"
+    training = re.compile(rf"train {tiny_stream.tasks[1].name}: +\d+%\|[^|]*\| *[1-9]\d*/{steps}")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=f)
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline and not training.search(log.read_text()):
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    ckpt = record_path(out, cfg).with_suffix(".ckpt")
+    assert json.loads((ckpt / META).read_text())["experience"] == 0  # killed before experience 1's checkpoint
+    assert not record_path(out, cfg).exists()
+    r = subprocess.run(cmd + ["--resume", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert comparable(record_path(out, cfg)) == comparable(ref)
+    assert not ckpt.exists()
