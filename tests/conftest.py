@@ -1,7 +1,6 @@
 """Shared fixtures: a private model cache per test session (the tiny base model is built once), the tiny test stream."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,9 @@ import torch
 
 TINY_STREAM = str(Path(__file__).parent / "data" / "tiny-test.yaml")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny tensors: one thread is fastest, gives the same float sums as the one-thread subprocesses some tests start,
+# and does not crawl when the cores are shared (two threads on a busy 2-core machine ran up to 40x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,6 @@ CHEAP = {"sharpness_worst", "sharpness_trace"}
 FULL = CHEAP | {"sharpness_top_eig", "sharpness_curvature", "sharpness_avg_gradient", "sharpness_mean_abs_gradient"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and two threads on a busy 2-core machine are ~40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ctx(tiny_stream):
     from clsuite.engine import Context

@@ -22,15 +22,6 @@ from clsuite.runner import record_path, resolve_config, run_one
 CLOCK = {"wall_seconds", "train_seconds", "eval_seconds", "sharpness_seconds", "provenance"}  # provenance: argv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread here and in the subprocesses: the same float sums everywhere, and no crawl on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def comparable(path: Path) -> dict:
     """A record without its wall-clock fields and provenance."""
     def strip(x):
