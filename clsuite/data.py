@@ -59,7 +59,7 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: s
     # Logits are needed only from the earliest target position on: with long prompts and short answers,
     # computing the vocabulary projection (and its softmax) for every prompt token is most of the head's cost.
     first = int((labels != -100).any(0).nonzero()[0]) if (labels != -100).any() else 0
-    kwargs = {"logits_to_keep": labels.shape[1] + 1 - first} if first and _keeps_logits(model) else {}
+    kwargs = {"logits_to_keep": labels.shape[1] + 1 - first} if first and keeps_logits(model) else {}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits[:, :-1]
     labels = labels[:, labels.shape[1] - logits.shape[1]:]
     nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
@@ -67,7 +67,7 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: s
     return per_example if reduction == "none" else per_example.mean()
 
 
-def _keeps_logits(model: torch.nn.Module) -> bool:
+def keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (most transformers causal LMs; PEFT passes it on)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters

@@ -114,10 +114,15 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
     cache = None  # row 0 is shared by every strategy and seed: evaluated once per weights and eval settings
     if ckpt is None and dist.is_main():
         cache = cache_path(out, cfg.stream, initial_key(model, tok, stream, cfg.eval))
+
+    def checkpoint(result: dict[str, Any]) -> None:  # not after the last experience: the record follows at once
+        if dist.is_main() and len(result["experiences"]) < len(stream.tasks):
+            save_checkpoint(ckpt_dir, ctx, result)
+
     try:
         result = run_stream(ctx, progress, initial=load_initial(cache) if cache else None,
                             on_row=lambda i, row: save_initial(cache, row) if cache and i == 0 else None,
-                            after_experience=(lambda r: save_checkpoint(ckpt_dir, ctx, r)) if dist.is_main() else None,
+                            after_experience=checkpoint,
                             restore=(lambda c: restore_checkpoint(c, ckpt)) if ckpt is not None else None)
     except DivergenceError as e:
         record.update(status="failed", error=str(e), R=[], P=[], metrics={}, provenance=provenance(),

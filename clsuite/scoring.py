@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import collate, encode_pair, lm_loss
+from .data import keeps_logits, collate, encode_pair, lm_loss
 from .registry import Registry
 
 
@@ -83,7 +83,8 @@ def choice_logliks(model, tok, examples: list[dict], chat: bool, max_length: int
         ids, pmask = _left_pad(prompts, pad)
         ids, pmask = ids.to(dev), pmask.to(dev)
         pos = (pmask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True)
+        keep = {"logits_to_keep": 1} if keeps_logits(model) else {}  # only the last position predicts a choice
+        out = model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True, **keep)
         first = F.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's first token
         k = max(len(c) for c in choices)
         flat = [(b, c) for b, cs in enumerate(choices) for c in cs + [[pad]] * (k - len(cs))]

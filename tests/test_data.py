@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clsuite.data import _keeps_logits, collate, lm_loss
+from clsuite.data import keeps_logits, collate, lm_loss
 from conftest import tiny_llama
 
 EXAMPLES = [{"prompt": "a" * n, "target": "xyz"[: 1 + n % 3]} for n in (3, 9, 14, 6)]
@@ -25,7 +25,7 @@ def test_trimmed_logits_give_the_full_loss_and_gradient(lora):
     if lora:
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    assert _keeps_logits(model)
+    assert keeps_logits(model)
     batch = collate(tok, EXAMPLES, chat=False, max_length=64)
     ours = lm_loss(model, batch, reduction="none")
     ref = reference_loss(model, batch)
@@ -49,6 +49,6 @@ def test_model_without_logits_to_keep_is_run_whole():
             return self.inner(input_ids=input_ids, attention_mask=attention_mask)
 
     plain = Plain()
-    assert not _keeps_logits(plain)
+    assert not keeps_logits(plain)
     batch = collate(tok, EXAMPLES, chat=False, max_length=64)
     torch.testing.assert_close(lm_loss(plain, batch), lm_loss(model, batch))

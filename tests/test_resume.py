@@ -1,6 +1,7 @@
 """Checkpoints and resume: a run interrupted after an experience and resumed writes the record of an uninterrupted one."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -81,6 +82,9 @@ def test_checkpoint_holds_what_restores_the_model(tiny_stream, tmp_path, monkeyp
 
 def test_kill_while_writing_keeps_the_previous_checkpoint(tiny_stream, tmp_path, monkeypatch):
     """A write that dies after experience 1's model file is in place leaves experience 0's checkpoint usable."""
+    # three tasks: no checkpoint follows the last experience (its record is written at once)
+    tiny_stream = dataclasses.replace(tiny_stream, tasks=tiny_stream.tasks + [
+        dataclasses.replace(tiny_stream.tasks[0], name="addition_again")])
     cfg = resolve_config(tiny_stream, "ewc(samples=8)+replay", 0)
     ref = run_one(tiny_stream, cfg, tmp_path / "ref", progress=False)
     real = checkpoint._write_tensors
