@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from clsuite.cli import main
+from clsuite.records import find_records
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "sweep-tiny.yaml"
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -36,8 +37,8 @@ def tiny_grid(stream: str, **kw) -> dict:
 
 
 def records(out: Path) -> dict[str, dict]:
-    """Record files under ``out`` by relative path."""
-    return {str(p.relative_to(out)): json.loads(p.read_text()) for p in sorted(out.rglob("*.json"))}
+    """Record files under ``out`` by relative path (as the leaderboard finds them: not the hidden row-0 cache)."""
+    return {str(p.relative_to(out)): json.loads(p.read_text()) for p in sorted(find_records([out]))}
 
 
 def numbers(recs: dict[str, dict]) -> dict[str, tuple]:
