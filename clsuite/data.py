@@ -67,8 +67,13 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: s
     return per_example if reduction == "none" else per_example.mean()
 
 
-def keeps_logits(model: torch.nn.Module) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` (most transformers causal LMs; PEFT passes it on)."""
+def forward_takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether the forward of ``model`` (of the wrapped model, under PEFT, which passes arguments on) takes ``name``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return name in inspect.signature(base.forward).parameters
+
+
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (most transformers causal LMs do)."""
+    return forward_takes(model, "logits_to_keep")
 

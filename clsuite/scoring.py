@@ -5,14 +5,13 @@ that enters the accuracy matrix; other keys are kept beside it in the run record
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from .data import keeps_logits, collate, encode_pair, lm_loss
+from .data import collate, encode_pair, forward_takes, keeps_logits, lm_loss
 from .registry import Registry
 
 
@@ -43,8 +42,7 @@ def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 def _cache_kwarg(model: Any) -> str:
     """The name of the KV-cache argument and output: ``cache`` in newer transformers, ``past_key_values`` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
 
 
 def _pad_id(tok: Any) -> int:
