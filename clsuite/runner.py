@@ -64,8 +64,8 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
             save: bool = False, tag: str = "", resume: bool = False) -> Path:
     """Run one cell and write its record; an existing complete record for the same config is kept (resumable).
     ``save``: also write the final model to ``seed<k>.model/`` beside the record (``clsuite landscape --checkpoint``).
-    After each experience the run's state goes to ``seed<k>.ckpt/`` (``clsuite.checkpoint``), deleted once the record
-    is written; ``resume`` continues from it. Without ``resume`` an existing checkpoint is an error (``force``:
+    After each experience but the last the run's state goes to ``seed<k>.ckpt/`` (``clsuite.checkpoint``), deleted
+    once the record is written; ``resume`` continues from it. Without ``resume`` an existing checkpoint is an error (``force``:
     it is discarded).
     Under torchrun every rank trains (``clsuite.distributed``); rank 0 alone evaluates and writes."""
     dist.init_from_env()
