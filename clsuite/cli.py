@@ -1,4 +1,4 @@
-"""The ``clsuite`` command line: run, sweep, list, leaderboard, show, landscape, correlate."""
+"""The ``clsuite`` command line: run, sweep, list, leaderboard, show, landscape, landscape-compare, correlate."""
 from __future__ import annotations
 
 import json
@@ -28,6 +28,15 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _quiet_libraries(quiet: bool) -> None:
+    """--quiet also silences the progress bars of transformers (weight loading) and datasets (map, load)."""
+    if quiet:
+        import datasets
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
 @app.command()
 def run(
     stream: str = typer.Option(..., help="built-in stream name or a stream .yaml file"),
@@ -49,6 +58,7 @@ def run(
     from .runner import resolve_config, run_one
     from .spec import split_specs
     from .streams import load_stream
+    _quiet_libraries(quiet)
     try:
         seed_list = [int(s) for s in seeds.split(",")]
     except ValueError:
@@ -92,6 +102,7 @@ def sweep(
 ) -> None:
     """Run every cell of a grid (stream x strategy x settings x seed), locally or on Ray; resumable."""
     from .sweep import check_options, expand, load_grid, run_cells
+    _quiet_libraries(quiet)  # in this process; pool and Ray workers show their own
     check_options(backend, workers, address, cpus_per_run, gpus_per_run)
     cells = expand(load_grid(grid), grid, out)
     if dry_run:
@@ -189,10 +200,21 @@ def landscape(
 ) -> None:
     """Loss surface (contour + 3-D PNG, JSON) and sharpness scalars of a model on one task."""
     from .landscape import landscape as compute
+    _quiet_libraries(quiet)
     r = compute(stream, task, checkpoint, model, split, n, grid, span, out, seed, line_steps, progress=not quiet)
     typer.echo(json.dumps({"surface_sharpness": r["surface_sharpness"], "sharpness": r["sharpness"]}, indent=1))
     for path in [*r["pngs"], r["json"]]:
         typer.echo(f"wrote {path}")
+
+
+@app.command("landscape-compare")
+def landscape_compare(
+    landscapes: list[Path] = typer.Argument(..., help="landscape .json files written by clsuite landscape"),
+    out: Path = typer.Option(..., help="the PNG to write"),
+) -> None:
+    """Contours of several landscapes side by side on one colour scale (e.g. after naive and after SAM)."""
+    from .landscape import compare_landscapes
+    typer.echo(f"wrote {compare_landscapes(landscapes, out)}")
 
 
 @app.command()

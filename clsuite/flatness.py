@@ -95,6 +95,7 @@ __all__ = [
     "surface_sharpness",
     "hessian_top_eigenvalue",
     "hessian_trace",
+    "hutchinson_samples",
     "worst_case_sharpness",
     "sharpness_report",
 ]
@@ -386,21 +387,28 @@ def hessian_top_eigenvalue(model: torch.nn.Module, loss_fn: LossFn, params: Sequ
     return float(eig)
 
 
-def hessian_trace(model: torch.nn.Module, loss_fn: LossFn, params: Sequence[Tensor] | None = None,
-                  samples: int = 10, seed: int = 0, disable_progress: bool = False) -> float:
-    """Hutchinson estimate (1/S) Σ zᵀHz with Rademacher z of the Hessian trace.
+def hutchinson_samples(model: torch.nn.Module, loss_fn: LossFn, params: Sequence[Tensor] | None = None,
+                       samples: int = 10, seed: int = 0, disable_progress: bool = False) -> list[float]:
+    """The terms zᵀHz (Rademacher z) whose mean is the Hutchinson trace; their spread gives its standard error.
     Cost: 1 pass with graph + ``samples`` HVPs (each ≈ 2 backwards)."""
     if samples < 1:
         raise ValueError("samples must be >= 1")
     params = _resolve_params(model, params)
     gen = _generator(seed)
-    total = 0.0
+    out = []
     with _measuring(model, params):
         _, hvp = _hvp_operator(loss_fn, params)
         for _ in tqdm(range(samples), desc="Hessian trace", disable=disable_progress, leave=False):
             z = _rademacher_like(params, gen)
-            total += _dot(z, hvp(z))
-    return total / samples
+            out.append(_dot(z, hvp(z)))
+    return out
+
+
+def hessian_trace(model: torch.nn.Module, loss_fn: LossFn, params: Sequence[Tensor] | None = None,
+                  samples: int = 10, seed: int = 0, disable_progress: bool = False) -> float:
+    """Hutchinson estimate (1/S) Σ zᵀHz with Rademacher z of the Hessian trace (see ``hutchinson_samples``)."""
+    terms = hutchinson_samples(model, loss_fn, params, samples, seed, disable_progress)
+    return sum(terms) / len(terms)
 
 
 # ---------------------------------------------------------------------------------------------- SAM-style

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
 import math
 import os
 import random
@@ -28,14 +29,18 @@ import torch
 from . import flatness as fl
 from .data import lm_loss
 from .errors import UserError
+from .leaderboard import row_label
 from .records import RunRecord, atomic_write_json, find_records, read_record, run_sharpness, slug
 
-__all__ = ["measure_sharpness", "sharpness_scalars", "landscape", "correlate"]
+__all__ = ["measure_sharpness", "sharpness_scalars", "fixed_batch_loss", "landscape", "compare_landscapes",
+           "correlate"]
 
 PREFIX = "sharpness_"
 LEVELS = ("cheap", "full")
 # Forgetting metric -> sign of the correlation with sharpness that the claim predicts.
-FORGETTING_METRICS = {"forgetting": +1, "bwt": -1, "probe_retention": -1, "probe_fg": +1}
+FORGETTING_METRICS = {"forgetting": +1, "bwt": -1, "probe_retention": -1, "probe_loglik_retention": -1,
+                      "probe_fg": +1}
+WITHIN_PERMUTATIONS = 10_000  # Monte Carlo permutations (within strategies) for the within-strategy p-value
 EXACT_P_MAX_N = 9  # p-values by exact permutation test up to this many runs (n! pairings), else scipy's
 # Settings of the scalars (fixed, so numbers are comparable between runs).
 RHO, ASCENT_STEPS, TRACE_SAMPLES, EIG_ITERS, GRID, SPAN = 0.05, 1, 5, 10, 7, 1.0
@@ -123,16 +128,33 @@ def _surface_json(surface: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in surface.items()}
 
 
+def _model_label(source: str, is_checkpoint: bool) -> str:
+    """A short name for plots: ``sam/seed0.model`` for a run's saved model, the name itself otherwise."""
+    path = Path(source).resolve()
+    return f"{path.parent.name}/{path.name}" if is_checkpoint else source
+
+
+def fixed_batch_loss(stream: Any, task: Any, source: str, data: Any, n: int, seed: int = 0
+                     ) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], list[torch.Tensor], list[dict]]:
+    """Model ``source`` loaded, and the loss on the first ``n`` rows of ``data`` (a split of ``task``) as the
+    engine computes it: (model, loss_fn, trainable parameters, rows)."""
+    from .engine import Context
+    from .models import load_model
+    from .runner import resolve_config
+    net, tok = load_model(source)
+    ctx = Context(net, tok, stream, resolve_config(stream, "naive", seed, source), [], random.Random(seed), task=task)
+    rows = _first_rows(data, n)
+    batch = ctx.collate(rows)
+    return net, (lambda: lm_loss(net, batch)), ctx.trainable_parameters(), rows
+
+
 def landscape(stream: str, task: str, checkpoint: Path | None = None, model: str | None = None,
               split: str = "eval", n: int = 32, grid: int = 11, span: float = 1.0, out: Path | None = None,
               seed: int = 0, line_steps: int = 0, progress: bool = False) -> dict[str, Any]:
     """2-D (and optional 1-D) loss surface plus cheap sharpness scalars of one model on the first ``n`` rows of a
     task's split; writes ``<task>-<split>{.json,_contour.png,_3d.png[,_1d.png]}`` under ``out``."""
-    from .engine import Context
     from .landscape_plot import plot_surface
-    from .models import load_model
     from .provenance import provenance
-    from .runner import resolve_config
     from .streams import load_stream
 
     if split not in ("eval", "train"):
@@ -156,20 +178,11 @@ def landscape(stream: str, task: str, checkpoint: Path | None = None, model: str
     if data is None:
         raise UserError(f"{t.name!r} is a probe and has no train split: use --split eval")
     source = str(checkpoint) if checkpoint is not None else (model or s.model)
-    label = checkpoint.resolve().name if checkpoint is not None else source
+    label = _model_label(source, checkpoint is not None)
     out = Path(out) if out is not None else Path("landscapes") / slug(s.name) / slug(source)
 
     t0 = time.perf_counter()
-    net, tok = load_model(source)
-    cfg = resolve_config(s, "naive", seed, source)
-    ctx = Context(net, tok, s, cfg, [], random.Random(seed), task=t)
-    rows = _first_rows(data, n)
-    batch = ctx.collate(rows)
-
-    def loss_fn() -> torch.Tensor:
-        return lm_loss(net, batch)
-
-    params = ctx.trainable_parameters()
+    net, loss_fn, params, rows = fixed_batch_loss(s, t, source, data, n, seed)
     kw: dict[str, Any] = dict(seed=seed, disable_progress=not progress)
     surface = fl.loss_surface_2d(net, loss_fn, params, span=span, steps=grid, filter_normalize=True, **kw)
     if not np.isfinite(surface["loss"]).all():
@@ -197,6 +210,35 @@ def landscape(stream: str, task: str, checkpoint: Path | None = None, model: str
     json_path = prefix.with_name(prefix.name + ".json")
     atomic_write_json(json_path, doc)  # written last: its presence means the PNGs are complete
     return {**doc, "json": str(json_path), "pngs": [str(p) for p in pngs]}
+
+
+def compare_landscapes(paths: Sequence[Path | str], out: Path | str) -> Path:
+    """One PNG with the contour of each landscape JSON side by side on one colour scale (e.g. naive vs SAM);
+    the surfaces must share task, split, examples, grid and span."""
+    from .landscape_plot import plot_surfaces_side_by_side
+    if len(paths) < 2:
+        raise UserError("give at least two landscape .json files (written by clsuite landscape) to compare")
+    docs = {}
+    for path in map(Path, paths):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable landscape JSON ({e}); give the .json clsuite landscape wrote")
+        if not isinstance(doc, dict) or doc.get("kind") != "clsuite-landscape":
+            raise UserError(f"{path} is not a clsuite landscape JSON (no kind: clsuite-landscape)")
+        docs[path] = doc
+    keys = ("stream", "task", "split", "n_examples", "grid", "span", "seed")
+    first = next(iter(docs.values()))
+    for path, doc in docs.items():
+        differ = [k for k in keys if doc.get(k) != first.get(k)]
+        if differ:
+            raise UserError(f"{path} differs from {next(iter(docs))} in {', '.join(differ)}: compare surfaces "
+                            "made with the same clsuite landscape settings")
+    names = [_model_label(d["model"], d["model_source"] == "checkpoint") for d in docs.values()]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in docs]
+    title = f"{first['stream']}/{first['task']} ({first['split']}, n={first['n_examples']}, span ±{first['span']})"
+    return plot_surfaces_side_by_side(dict(zip(names, (d["surface"] for d in docs.values()))), Path(out), title)
 
 
 # ------------------------------------------------------------------------------------------ correlate
@@ -241,6 +283,36 @@ def _pair_stats(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> dict[st
                 pearson=float(pe.statistic), pearson_p=pe_p)
 
 
+def _within_stats(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> dict[str, float]:
+    """Pooled within-strategy correlation: x and y minus their strategy's mean (strategies with >= 2 runs), Pearson
+    and Spearman of the residuals, p by permuting y within each strategy (Monte Carlo)."""
+    from scipy import stats
+    keep = np.isin(groups, [g for g in set(groups) if (groups == g).sum() >= 2])
+    x, y, groups = x[keep], y[keep], groups[keep]  # copies: the callers' arrays are not changed
+    out = dict(within_n=int(keep.sum()), within_groups=len(set(groups)), within_pearson=math.nan,
+               within_spearman=math.nan, within_p=math.nan)
+    if len(x) < 3:
+        return out
+    members = [np.flatnonzero(groups == g) for g in sorted(set(groups))]
+    for idx in members:
+        x[idx] -= x[idx].mean()
+        y[idx] -= y[idx].mean()
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return out
+    rng, obs, hits = np.random.default_rng(seed), abs(float(x @ y)), 0
+    for _ in range(WITHIN_PERMUTATIONS):
+        yp = y.copy()
+        for idx in members:
+            yp[idx] = y[rng.permutation(idx)]
+        hits += abs(float(x @ yp)) >= obs - 1e-9 * (obs + 1e-12)  # x @ y ∝ r: norms are permutation-invariant
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out.update(within_pearson=float(stats.pearsonr(x, y).statistic),
+                   within_spearman=float(stats.spearmanr(x, y).statistic),
+                   within_p=(hits + 1) / (WITHIN_PERMUTATIONS + 1))
+    return out
+
+
 def _write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temp file in the same directory, then rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -273,7 +345,8 @@ def _scatter_grid(df: Any, sharp: list[str], forget: list[str], pairs: list[dict
             for strat in strategies:
                 sub = df[(df["strategy"] == strat) & df[s].notna() & df[m].notna()]
                 ax.scatter(sub[s], sub[m], s=18, color=colours[strat], label=strat)
-            ax.set_title(f"n={p['n']}, ρ={_fmt(p['spearman'], 2) or 'n/a'}", fontsize=9)
+            within = f", within ρ={_fmt(p['within_spearman'], 2)}" if math.isfinite(p["within_spearman"]) else ""
+            ax.set_title(f"n={p['n']}, ρ={_fmt(p['spearman'], 2) or 'n/a'}{within}", fontsize=9)
             ax.set_xlabel(s.removeprefix(PREFIX), fontsize=8)
             ax.set_ylabel(m, fontsize=8)
             ax.tick_params(labelsize=7)
@@ -302,7 +375,7 @@ def correlate(records: Sequence[Path | str | RunRecord], out_dir: Path, n_boot: 
     for r in complete:
         sh = run_sharpness(r)
         if sh:
-            rows.append({"stream": r.stream, "strategy": r.strategy, "seed": r.seed, **sh,
+            rows.append({"stream": r.stream, "strategy": row_label(r.strategy, r.tag), "seed": r.seed, **sh,
                          **{m: _finite(r.metrics.get(m)) for m in FORGETTING_METRICS}})
     if len(rows) < 3:
         raise UserError(f"need at least 3 runs with sharpness, found {len(rows)} among {len(complete)} complete "
@@ -316,7 +389,8 @@ def correlate(records: Sequence[Path | str | RunRecord], out_dir: Path, n_boot: 
             ok = df[s].notna() & df[m].notna()
             x, y = df.loc[ok, s].to_numpy(float), df.loc[ok, m].to_numpy(float)
             pairs.append({"sharpness": s, "metric": m, "expected_sign": FORGETTING_METRICS[m], "n": int(ok.sum()),
-                          **_pair_stats(x, y, n_boot, seed)})
+                          **_pair_stats(x, y, n_boot, seed),
+                          **_within_stats(x, y, df.loc[ok, "strategy"].to_numpy(str), seed)})
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,14 +404,22 @@ def correlate(records: Sequence[Path | str | RunRecord], out_dir: Path, n_boot: 
               _fmt(p["spearman_p"]), _fmt(p["pearson"]), _fmt(p["pearson_p"])] for p in pairs]
     md = tabulate(table, headers=["sharpness", "metric", "claim predicts", "n", "Spearman ρ [95% CI]", "p",
                                   "Pearson r", "p"], tablefmt="github", disable_numparse=True)
+    within = tabulate([[p["sharpness"].removeprefix(PREFIX), p["metric"], p["within_n"], p["within_groups"],
+                        _fmt(p["within_spearman"]) or "n/a", _fmt(p["within_pearson"]) or "n/a", _fmt(p["within_p"])]
+                       for p in pairs], headers=["sharpness", "metric", "n", "strategies", "Spearman ρ", "Pearson r",
+                                                 "p"], tablefmt="github", disable_numparse=True)
     streams, strategies = sorted(df["stream"].unique()), sorted(df["strategy"].unique())
     text = (f"# Sharpness vs forgetting\n\n{len(rows)} runs with sharpness ({len(complete) - len(rows)} complete "
             f"runs without it skipped); streams: {', '.join(streams)}; strategies: {', '.join(strategies)}.\n\n"
             "Sharpness is the mean over experiences. The claim predicts ρ > 0 for forgetting and probe_fg, ρ < 0 for "
-            f"bwt and probe_retention. CI: percentile bootstrap over runs ({n_boot} resamples, seed {seed}; "
-            f"unreliable for n < 10). p: exact permutation test for n <= {EXACT_P_MAX_N}, else scipy's "
-            "t-approximation; per pair, uncorrected for the number of pairs, assuming independent runs.\n\n"
-            + md + "\n")
+            f"bwt, probe_retention and probe_loglik_retention. CI: percentile bootstrap over runs ({n_boot} "
+            f"resamples, seed {seed}; unreliable for n < 10). p: exact permutation test for n <= {EXACT_P_MAX_N}, "
+            "else scipy's t-approximation; per pair, uncorrected for the number of pairs, assuming independent runs."
+            "\n\n## Across runs\n\n" + md + "\n\n## Within strategy\n\nAcross strategies, sharpness is confounded "
+            "with what a strategy does (SAM flattens by construction). Here each run's sharpness and metric minus "
+            "its strategy's mean, over strategies with at least 2 runs (seeds): the correlation that seed-to-seed "
+            f"variation alone shows. p (of r): {WITHIN_PERMUTATIONS} random permutations within each strategy.\n\n"
+            + within + "\n")
     _write_text(files["md"], text)
     _scatter_grid(df, sharp, forget, pairs, files["png"])
     return {"n_runs": len(rows), "n_skipped": len(complete) - len(rows), "streams": streams,

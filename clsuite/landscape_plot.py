@@ -100,7 +100,7 @@ def plot_surface(surface: Mapping[str, Any], path_prefix: str | Path, title: str
 
 
 def plot_surfaces_side_by_side(surfaces: Mapping[str, Mapping[str, Any]], path: str | Path, title: str) -> Path:
-    """One contour panel per named 2-D surface (e.g. naive vs SAM) sharing one colour scale and colour bar;
+    """One contour panel per named 2-D surface (e.g. naive vs SAM) sharing axes, one colour scale and colour bar;
     returns the written path."""
     if not surfaces:
         raise ValueError("no surfaces to plot")
@@ -108,7 +108,7 @@ def plot_surfaces_side_by_side(surfaces: Mapping[str, Mapping[str, Any]], path: 
     levels = _levels(min(float(z.min()) for z in grids.values()), max(float(z.max()) for z in grids.values()))
     n = len(surfaces)
     fig = _new_figure((4.2 * n + 1.2, 4.4))
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    axes = fig.subplots(1, n, squeeze=False, sharex=True, sharey=True)[0]
     cf = None
     for k, (ax, (name, s)) in enumerate(zip(axes, surfaces.items())):
         cf = _contour(ax, s, levels)

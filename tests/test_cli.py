@@ -43,6 +43,7 @@ def test_run_show_leaderboard(tmp_path, tiny_stream_path):
     r = clsuite("run", "--stream", tiny_stream_path, "--strategies", "naive", "--seeds", "0,1", "--out",
                 str(tmp_path / "runs"), "--leaderboard", str(tmp_path / "lb"), "--quiet")
     assert r.returncode == 0, r.stderr
+    assert "it/s]" not in r.stderr, r.stderr  # --quiet: no progress bar, also none from transformers/datasets
     md = (tmp_path / "lb" / "tiny-test" / "leaderboard.md").read_text()
     assert "| naive" in md and "± " in md and "acc ↑" in md and "forgetting ↓" in md
     assert (tmp_path / "lb" / "tiny-test" / "leaderboard.csv").exists()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clsuite.errors import UserError
-from clsuite.landscape import correlate, landscape, measure_sharpness
+from clsuite.landscape import compare_landscapes, correlate, landscape, measure_sharpness
 
 CHEAP = {"sharpness_worst", "sharpness_trace"}
 FULL = CHEAP | {"sharpness_top_eig", "sharpness_curvature", "sharpness_avg_gradient", "sharpness_mean_abs_gradient"}
@@ -51,10 +51,12 @@ def test_measure_sharpness_leaves_model_as_found(ctx, level, train_mode, keys):
     assert measure_sharpness(ctx, level, n_examples=8) == out  # deterministic
 
 
-def _record(path, strategy: str, seed: int, metrics: dict, experiences: list | None = None) -> None:
+def _record(path, strategy: str, seed: int, metrics: dict, experiences: list | None = None,
+            tag: str = "") -> None:
     rec = {"schema_version": 1, "status": "complete", "stream": "s", "strategy": strategy, "seed": seed,
            "model": "m", "config": {}, "tasks": ["a", "b"], "probes": ["p"], "R": [[0, 0], [1, 0], [0.5, 1]],
-           "P": [[1], [1], [1]], "metrics": metrics, "experiences": experiences or []}
+           "P": [[1], [1], [1]], "metrics": metrics, "experiences": experiences or [],
+           **({"tag": tag} if tag else {})}
     path.write_text(json.dumps(rec))
 
 
@@ -85,6 +87,22 @@ def test_correlate_monotone_relation(tmp_path):
     for name in ("correlation.csv", "correlation.md", "correlation.png", "runs.csv"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     assert "1.000 [1.000, 1.000]" in (tmp_path / "out" / "correlation.md").read_text()
+
+
+def test_correlate_within_strategy_separates_the_confound(tmp_path):
+    # Across runs sharper means less forgetting (the strategies differ); within each strategy the opposite holds.
+    for i, (label, tag, sharp, forget) in enumerate([("naive", "", 1, 5), ("naive", "", 2, 6), ("naive", "", 3, 7),
+                                                      ("sam", "", 10, 1), ("sam", "", 11, 2), ("sam", "", 12, 3),
+                                                      ("naive", "steps=32", 5, 4)]):
+        _record(tmp_path / f"r{i}.json", label, i, {"forgetting": forget, "sharpness_worst": sharp}, tag=tag)
+    res = correlate([tmp_path], tmp_path / "out")
+    p = next(p for p in res["pairs"] if p["metric"] == "forgetting")
+    assert p["n"] == 7 and p["spearman"] < -0.5
+    assert p["within_n"] == 6 and p["within_groups"] == 2  # the single steps=32 run has no seed spread
+    assert p["within_pearson"] == pytest.approx(1.0) and p["within_spearman"] == pytest.approx(1.0)
+    assert p["within_p"] == pytest.approx(2 / 36, abs=0.01)  # 2 of the 3! x 3! within-strategy pairings
+    assert "naive [steps=32]" in res["strategies"]
+    assert "## Within strategy" in (tmp_path / "out" / "correlation.md").read_text()
 
 
 def test_correlate_needs_three_runs(tmp_path):
@@ -120,6 +138,25 @@ def test_landscape_command_writes_pngs_and_json(checkpoint, tiny_stream_path, tm
     assert loss[1][1] == pytest.approx(doc["surface"]["base_loss"])
     assert set(doc["surface_sharpness"]) == {"curvature", "avg_gradient", "mean_abs_gradient"}
     assert set(doc["sharpness"]) == CHEAP and len(doc["line"]["loss"]) == 5
+
+    # side by side with a second surface of the same settings; other settings or other files are refused
+    other = {**doc, "model": str(tmp_path / "sam" / "seed0.model"),
+             "surface": {**doc["surface"], "loss": [[x + 1 for x in row] for row in loss]}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    (tmp_path / "wide.json").write_text(json.dumps({**other, "span": 2.0}))
+    (tmp_path / "r.json").write_text(json.dumps({"schema_version": 1, "status": "complete"}))
+    from typer.testing import CliRunner
+    from clsuite.cli import app
+    r = CliRunner().invoke(app, ["landscape-compare", str(out / "addition-eval.json"), str(tmp_path / "other.json"),
+                                 "--out", str(tmp_path / "cmp.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+    with pytest.raises(UserError, match="differs .* in span"):
+        compare_landscapes([out / "addition-eval.json", tmp_path / "wide.json"], tmp_path / "x.png")
+    with pytest.raises(UserError, match="not a clsuite landscape JSON"):
+        compare_landscapes([out / "addition-eval.json", tmp_path / "r.json"], tmp_path / "x.png")
+    with pytest.raises(UserError, match="at least two"):
+        compare_landscapes([out / "addition-eval.json"], tmp_path / "x.png")
 
 
 @pytest.mark.parametrize("kwargs, match", [
