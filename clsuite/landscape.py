@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +29,8 @@ from . import flatness as fl
 from .data import lm_loss
 from .errors import UserError
 from .leaderboard import row_label
-from .records import RunRecord, atomic_write_json, find_records, read_record, run_sharpness, slug
+from .records import (RunRecord, atomic_write_json, atomic_write_text, find_records, read_record, run_sharpness,
+                      slug)
 
 __all__ = ["measure_sharpness", "sharpness_scalars", "fixed_batch_loss", "landscape", "compare_landscapes",
            "correlate"]
@@ -313,18 +313,6 @@ def _within_stats(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -
     return out
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file in the same directory, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(x: float, digits: int = 3) -> str:
     return "" if x is None or not math.isfinite(x) else f"{x:.{digits}g}" if abs(x) < 1e-3 else f"{x:.{digits}f}"
 
@@ -396,8 +384,8 @@ def correlate(records: Sequence[Path | str | RunRecord], out_dir: Path, n_boot: 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"csv": out_dir / "correlation.csv", "md": out_dir / "correlation.md",
              "png": out_dir / "correlation.png", "runs": out_dir / "runs.csv"}
-    _write_text(files["csv"], pd.DataFrame(pairs).to_csv(index=False))
-    _write_text(files["runs"], df.to_csv(index=False))
+    atomic_write_text(files["csv"], pd.DataFrame(pairs).to_csv(index=False))
+    atomic_write_text(files["runs"], df.to_csv(index=False))
     table = [[p["sharpness"].removeprefix(PREFIX), p["metric"], "+" if p["expected_sign"] > 0 else "−", p["n"],
               f"{_fmt(p['spearman'])} [{_fmt(p['spearman_ci_low'])}, {_fmt(p['spearman_ci_high'])}]"
               if math.isfinite(p["spearman"]) else "n/a (n < 3 or a constant side)",
@@ -420,7 +408,7 @@ def correlate(records: Sequence[Path | str | RunRecord], out_dir: Path, n_boot: 
             "its strategy's mean, over strategies with at least 2 runs (seeds): the correlation that seed-to-seed "
             f"variation alone shows. p (of r): {WITHIN_PERMUTATIONS} random permutations within each strategy.\n\n"
             + within + "\n")
-    _write_text(files["md"], text)
+    atomic_write_text(files["md"], text)
     _scatter_grid(df, sharp, forget, pairs, files["png"])
     return {"n_runs": len(rows), "n_skipped": len(complete) - len(rows), "streams": streams,
             "strategies": strategies, "pairs": pairs, "markdown": md, "files": {k: str(v) for k, v in files.items()}}

@@ -9,7 +9,7 @@ from tabulate import tabulate
 
 from .errors import UserError
 from .metrics import METRICS
-from .records import RunRecord, find_records, read_record, run_sharpness
+from .records import RunRecord, atomic_write_text, find_records, read_record, run_sharpness
 
 # Columns of the markdown table (the CSV keeps every metric).
 SHOWN = ("acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_loglik_retention", "probe_fg")
@@ -197,12 +197,8 @@ def publish(paths: list[Path], out_root: Path, sort_by: str = "acc") -> dict[str
         note = f"\n\nFailed runs (not ranked): {', '.join(fails)}" if fails else ""
         text = (f"# Leaderboard: {_escape(stream)}\n\nMean ± std over seeds (n = runs). "
                 f"Ranked by {sort_by}. ↑ higher is better, ↓ lower is better.\n\n{md}{note}\n")
-        tmp = d / ".leaderboard.md"
-        tmp.write_text(text)
-        tmp.replace(d / "leaderboard.md")
-        csv_tmp = d / ".leaderboard.csv"
-        sub.to_csv(csv_tmp, index=False)
-        csv_tmp.replace(d / "leaderboard.csv")
+        atomic_write_text(d / "leaderboard.md", text)
+        atomic_write_text(d / "leaderboard.csv", sub.to_csv(index=False))
         plot(sub, runs, d / "leaderboard.png", f"{stream}: task score against forgetting")
         tables[stream] = md
     return tables

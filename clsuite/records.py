@@ -7,7 +7,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Callable, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict
@@ -58,20 +58,31 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text.replace(", ", ",")).strip("_")[:120]
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON so that readers see the old file or the whole new one, never a part."""
+def _atomic_write(path: Path, write: Callable[[IO[str]], Any]) -> None:
+    """Run ``write`` on a temporary file beside ``path``, sync it, then rename it into place: readers see the old
+    file or the whole new one, never a part; a failure leaves the old file and no temporary one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (see ``_atomic_write``)."""
+    _atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (see ``_atomic_write``); NaN and infinities are refused."""
+    _atomic_write(path, lambda f: json.dump(obj, f, indent=1, allow_nan=False))
 
 
 def read_record(path: Path) -> RunRecord:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 
 from clsuite import flatness as fl
-from clsuite.landscape import TRACE_SAMPLES, fixed_batch_loss
+from clsuite.errors import UserError
+from clsuite.landscape import TRACE_SAMPLES, _find_task, fixed_batch_loss
 from clsuite.streams import load_stream
 
 
@@ -28,7 +30,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     stream = load_stream(a.stream)
-    task = next(t for t in stream.tasks if t.name == a.task)
+    task = _find_task(stream, a.task)  # a clear error for a misspelt name
     net, loss_fn, params, _ = fixed_batch_loss(stream, task, a.checkpoint, task.train, a.n, a.seed)
     t0 = time.perf_counter()
     terms = fl.hutchinson_samples(net, loss_fn, params, samples=a.samples, seed=a.seed)
@@ -42,4 +44,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
