@@ -10,7 +10,7 @@ DEMO_SEEDS      ?= 0,1
 DEMO_COMBINED   ?= wiseft+sam
 DEMO_RUN        = $(VENV)/bin/clsuite run --stream $(DEMO_STREAM) --out runs/demo
 
-.PHONY: setup demo test clean-runs
+.PHONY: setup demo test test-fast clean-runs
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the suite without the tests marked slow (pytest.mark.slow: over ~3 s alone, or a long generated grid)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 clean-runs:
 	rm -rf runs

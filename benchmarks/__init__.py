@@ -1,9 +1,5 @@
-"""Built-in task streams (YAML files here) and the Python builders of their data and models.
+"""Built-in task streams (``streams/*.yaml``), their data builders (``builders``) and models (``models``).
 
-Every module in this folder registers its data builders and models on import.
+Importing this package registers every built-in data builder and model.
 """
-import importlib
-import pkgutil
-
-for _m in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_m.name}")
+from . import builders, models  # noqa: F401

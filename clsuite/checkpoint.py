@@ -1,32 +1,8 @@
-"""Per-experience checkpoints of a run, from which ``clsuite run --resume`` continues after the last experience.
-
-A run's checkpoint is the directory ``seed<k>.ckpt/`` beside its record. It holds the state at the end of one
-experience (after ``after_training_exp`` and the evaluation row that follows it):
-
-* ``exp<i>.model.safetensors``: the model. A plain model is stored whole (every parameter and persistent
-  buffer): after ``lora(mode=merge)`` the merged base weights have changed, and without a parametrization every
-  weight is trained. A PEFT-wrapped model (``lora``, mode=continue) stores only its trainable parameters, the
-  adapter: its base is frozen from the wrap, before any training, and nothing writes it while it is wrapped.
-* ``exp<i>.state.safetensors``: the tensors of every plugin's ``state_dict()`` (EWC's Fisher and anchors,
-  Wise-FT's anchor, a LoRA adapter) and torch's random state (with each CUDA device's when the model is on CUDA).
-* ``checkpoint.json``: what identifies the run (its validated config and the stream's task and probe names), the
-  evaluation rows and per-experience logs so far, ``ctx.example_passes``, the states of Python's ``random``, of
-  numpy and of the context's ``rng``, and each plugin's ``state_dict()`` with its tensors replaced by
-  ``{"__tensor__": key}`` references into ``exp<i>.state.safetensors``.
-
-No optimizer or scheduler state is stored: ``engine.train_experience`` builds both afresh for every experience,
-and seeds its batch order from the run's seed and the experience index. Reading uses ``json`` and
-``safetensors`` only (no pickle).
-
-``checkpoint.json`` is the commit point: the tensor files of experience i are written under new names (each to a
-temporary name, synced, renamed), then ``checkpoint.json`` is replaced atomically, then the previous experience's
-files are deleted. A kill at any moment leaves a ``checkpoint.json`` that names complete files. Only the latest
-checkpoint is kept; the runner deletes it once the run's final record is written.
-"""
+"""Per-experience checkpoints of a run (safetensors + JSON, no pickle), from which ``--resume`` continues
+(docs/resume.md)."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -37,11 +13,13 @@ import numpy as np
 import pydantic
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .atomic import write_bytes, write_json
 from .config import RunConfig
 from .errors import UserError
-from .records import atomic_write_json
+from .fingerprint import FingerprintMismatch, describe, differing
+from .records import cell_fingerprint
 
 if TYPE_CHECKING:
     from .engine import Context
@@ -66,8 +44,10 @@ def has_checkpoint(path: Path) -> bool:
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Delete the checkpoint directory ``path`` if there is one."""
+    """Delete the checkpoint directory ``path`` if there is one, its commit point first: a kill midway leaves no
+    checkpoint rather than one that names deleted files."""
     if Path(path).exists():
+        (Path(path) / META).unlink(missing_ok=True)
         shutil.rmtree(path)
 
 
@@ -91,15 +71,20 @@ def save_checkpoint(path: Path, ctx: Context, result: dict[str, Any]) -> None:
     if ctx.device.type == "cuda":
         tensors.update((f"rng.cuda.{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all()))
     files = {"model": f"exp{ctx.experience}.model.safetensors", "state": f"exp{ctx.experience}.state.safetensors"}
-    _write_tensors(path / files["model"], model_tensors(ctx.model))
-    _write_tensors(path / files["state"], tensors)
     np_state = np.random.get_state()
     meta = {"format": FORMAT, **_identity(ctx.config, ctx.stream), "experience": ctx.experience, "files": files,
             "rows": result["rows"], "experiences": result["experiences"], "example_passes": ctx.example_passes,
             "rng": {"python": _py_state(random.getstate()), "ctx": _py_state(ctx.rng.getstate()),
                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
             "plugins": plugins}
-    atomic_write_json(path / META, meta)
+    try:
+        _write_tensors(path / files["model"], model_tensors(ctx.model))
+        _write_tensors(path / files["state"], tensors)
+        write_json(path / META, meta)
+    except OSError:  # a write failed (a full disk): the previous checkpoint stays, without this one's files
+        for name in files.values():
+            (path / name).unlink(missing_ok=True)
+        raise
     for f in path.iterdir():  # the previous experience's files, and temporary files of a killed write
         if f.name not in (META, *files.values()):
             f.unlink()
@@ -110,10 +95,13 @@ def load_checkpoint(path: Path, cfg: RunConfig, stream: Stream) -> Checkpoint:
     path = Path(path)
     try:
         meta = json.loads((path / META).read_text())
-    except (ValueError, OSError) as e:
-        raise UserError(f"checkpoint {path / META} cannot be read ({e}); {_FIX}") from None
+    except (ValueError, OSError, RecursionError) as e:
+        raise UserError(f"checkpoint {path / META} cannot be read ({_first_line(e)}); {_FIX}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path / META} is not a clsuite checkpoint of format {FORMAT}; {_FIX}")
+    wrong = [k for k, t in _META_TYPES.items() if not isinstance(meta.get(k), t)]
+    if wrong:
+        raise UserError(f"checkpoint {path} is incomplete or damaged ({META} lacks a valid {wrong[0]!r}); {_FIX}")
     want = _identity(cfg, stream)
     try:  # validated, so settings added to clsuite since the checkpoint compare at their defaults
         same = RunConfig.model_validate(meta.get("config")) == cfg
@@ -122,6 +110,11 @@ def load_checkpoint(path: Path, cfg: RunConfig, stream: Stream) -> Checkpoint:
     if not same or meta.get("tasks") != want["tasks"] or meta.get("probes") != want["probes"]:
         raise UserError(f"checkpoint {path} was written by a run with other settings; run with --force to start "
                         "over, or use another --out")
+    if "fingerprint" not in meta:
+        raise UserError(f"checkpoint {path} was written before checkpoints had fingerprints; {_FIX}")
+    parts = differing(meta["fingerprint"], want["fingerprint"], meta["config"])
+    if parts:
+        raise FingerprintMismatch(f"checkpoint {path} was made with other {describe(parts)}; {_FIX}", parts)
     return Checkpoint(path, meta)
 
 
@@ -129,12 +122,18 @@ def restore_checkpoint(ctx: Context, ckpt: Checkpoint) -> dict[str, Any]:
     """Load ``ckpt`` into ``ctx`` after ``before_training``: weights, plugin states, counters, random states.
 
     Returns the checkpoint's rows and per-experience logs (the engine's ``restore`` callback)."""
-    meta = ckpt.meta
     try:
-        model = load_file(ckpt.path / meta["files"]["model"])
-        tensors = load_file(ckpt.path / meta["files"]["state"])
-    except (KeyError, TypeError, OSError, SafetensorError) as e:
-        raise UserError(f"checkpoint {ckpt.path} is incomplete or damaged ({e}); {_FIX}") from None
+        return _restore(ctx, ckpt)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OSError,
+            SafetensorError) as e:  # a damaged file or JSON part; UserErrors (a mismatch) pass as they are
+        raise UserError(f"checkpoint {ckpt.path} is incomplete or damaged ({type(e).__name__}: {_first_line(e)}); "
+                        f"{_FIX}") from None
+
+
+def _restore(ctx: Context, ckpt: Checkpoint) -> dict[str, Any]:
+    meta = ckpt.meta
+    model = load_file(ckpt.path / meta["files"]["model"])
+    tensors = load_file(ckpt.path / meta["files"]["state"])
     _load_model(ctx.model, model, ckpt.path)
     saved = [e["name"] for e in meta["plugins"]]
     if saved != [p.name for p in ctx.plugins]:
@@ -158,9 +157,17 @@ def restore_checkpoint(ctx: Context, ckpt: Checkpoint) -> dict[str, Any]:
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
+_META_TYPES = {"config": dict, "tasks": list, "probes": list, "experience": int, "files": dict, "rows": list,
+               "experiences": list, "example_passes": int, "rng": dict, "plugins": list}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def _identity(cfg: RunConfig, stream: Stream) -> dict[str, Any]:
     return {"config": cfg.model_dump(), "tasks": [t.name for t in stream.tasks],
-            "probes": [p.name for p in stream.probes]}
+            "probes": [p.name for p in stream.probes], "fingerprint": cell_fingerprint(cfg, stream)}
 
 
 def _py_state(state: tuple) -> list:
@@ -174,12 +181,8 @@ def _py_state_back(state: list) -> tuple:
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A safetensors file written under a temporary name, synced, then renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A safetensors file, written atomically."""
+    write_bytes(path, save({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}))
 
 
 def _split(value: Any, tensors: dict[str, torch.Tensor], prefix: str, owner: str) -> Any:

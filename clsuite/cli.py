@@ -1,4 +1,5 @@
-"""The ``clsuite`` command line: run, sweep, list, leaderboard, show, landscape, landscape-compare, correlate."""
+"""The ``clsuite`` command line: run, sweep, migrate, list, leaderboard, show, landscape, landscape-compare,
+correlate."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import DivergenceError, UserError
+from .errors import DivergenceError, UserError, did_you_mean
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual-learning benchmarks for language models.")
@@ -55,7 +56,8 @@ def run(
 ) -> None:
     """Run every (strategy, seed) cell over a stream; each run writes one JSON record."""
     from .distributed import is_main
-    from .runner import resolve_config, run_one
+    from .config import resolve_config
+    from .runner import run_one
     from .spec import split_specs
     from .streams import load_stream
     _quiet_libraries(quiet)
@@ -78,7 +80,7 @@ def run(
             if is_main():
                 typer.echo(f"run failed ({cfg.strategy}, seed {cfg.seed}): {e}", err=True)
     if leaderboard is not None and is_main():
-        from .leaderboard import publish
+        from .reports.leaderboard import publish
         for name, md in publish([out / s.name], leaderboard).items():
             typer.echo(f"\n{name}  ({leaderboard / name / 'leaderboard.md'})\n{md}")
     if failed:
@@ -101,7 +103,7 @@ def sweep(
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
     """Run every cell of a grid (stream x strategy x settings x seed), locally or on Ray; resumable."""
-    from .sweep import check_options, expand, load_grid, run_cells
+    from .sweep import check_options, expand, load_grid, run_cells, stale_summary
     _quiet_libraries(quiet)  # in this process; pool and Ray workers show their own
     check_options(backend, workers, address, cpus_per_run, gpus_per_run)
     cells = expand(load_grid(grid), grid, out)
@@ -114,12 +116,15 @@ def sweep(
     for o in outcomes:
         if o.status == "failed":
             typer.echo(f"run failed ({o.label}): {o.error}", err=True)
-    n = {k: sum(o.status == k for o in outcomes) for k in ("ran", "skipped", "failed")}
-    typer.echo(f"sweep: {len(cells)} cells: {n['ran']} ran, {n['skipped']} skipped, {n['failed']} failed")
-    if leaderboard is not None and n["failed"] == len(cells):
+    n = {k: sum(o.status == k for o in outcomes) for k in ("ran", "skipped", "failed", "not run")}
+    typer.echo(f"sweep: {len(cells)} cells: {n['ran']} ran, {n['skipped']} skipped, {n['failed']} failed"
+               + (f", {n['not run']} not run (the sweep stopped at the error above)" if n["not run"] else ""))
+    if stale_summary(outcomes):
+        typer.echo(stale_summary(outcomes))
+    if leaderboard is not None and n["ran"] + n["skipped"] == 0:
         typer.echo("leaderboard not written: no cell of this sweep completed", err=True)
     elif leaderboard is not None:
-        from .leaderboard import publish
+        from .reports.leaderboard import publish
         dirs = sorted({Path(c.out) / c.path.relative_to(c.out).parts[0] for c in cells if c.path.exists()})
         for name, md in publish(dirs, leaderboard).items():
             typer.echo(f"\n{name}  ({leaderboard / name / 'leaderboard.md'})\n{md}")
@@ -127,32 +132,76 @@ def sweep(
         raise typer.Exit(1)
 
 
+@app.command()
+def migrate(
+    dirs: list[Path] = typer.Argument(..., help="directories (or files) of run records"),
+    stream: Optional[str] = typer.Option(None, help="the stream to fingerprint them with (default: each record's "
+                                         "stream name, as a built-in stream)"),
+    dry_run: bool = typer.Option(False, help="say what would be migrated, write nothing"),
+) -> None:
+    """Give schema-v1 records their fingerprint (schema v2), from their config and the stream as it is now."""
+    from .records import MIGRATION_NOTE, migrate_records as run_migration
+    done, left = run_migration(dirs, stream, dry_run)
+    for line in left:
+        typer.echo(f"left: {line}", err=True)
+    typer.echo(f"{'would migrate' if dry_run else 'migrated'} {len(done)} record{'s' * (len(done) != 1)}, "
+               f"left {len(left)}; {MIGRATION_NOTE}")
+    if left:
+        raise typer.Exit(1)
+
+
 @app.command("list")
-def list_(what: str = typer.Argument("all", help="streams | strategies | metrics | models | all")) -> None:
-    """List streams, strategies (kind, parameters, defaults), metrics and models."""
-    from . import benchmarks  # noqa: F401
+def list_(what: str = typer.Argument(
+        "all", help="streams | strategies | kinds | metrics | scorers | builders | models | all")) -> None:
+    """List what the registries hold: streams, strategies (kind, parameters, conflicts), how kinds combine, metrics
+    (direction, shown, claim sign, formula), scorers, data builders and models."""
     from .metrics import METRICS
     from .models import MODELS
-    from .strategy import STRATEGIES, _load_builtins
-    from .streams import builtin_stream_files
-    if what not in ("all", "streams", "strategies", "metrics", "models"):
-        raise UserError(f"cannot list {what!r}: choose streams, strategies, metrics, models or all")
-    if what in ("all", "streams"):
-        typer.echo("streams:")
-        for name, path in builtin_stream_files().items():
-            typer.echo(f"  {name:24s} {path}")
-    if what in ("all", "strategies"):
-        _load_builtins()
-        typer.echo("strategies:")
+    from .scoring import SCORERS
+    from .strategy import KINDS, SINGLE_KINDS, STACKING, STRATEGIES
+    from .streams import DATA_BUILDERS, builtin_stream_files
+
+    def doc(obj: object) -> str:
+        return next(iter((getattr(obj, "__doc__", None) or "").strip().splitlines()), "")
+
+    def also(name: str, registry) -> str:
+        aliases = registry.aliases_of(name)
+        return f" (also {', '.join(aliases)})" if aliases else ""
+
+    def strategies() -> list[str]:
+        lines = []
         for name, cls in STRATEGIES.items():
+            lines.append(f"{name:10s} [{cls.kind}] {cls.description}{also(name, STRATEGIES)}")
             params = ", ".join(f"{f.alias or k}={f.default!r}" for k, f in cls.Params.model_fields.items())
-            typer.echo(f"  {name:10s} [{cls.kind}] {cls.description}" + (f"\n{'':14s}params: {params}" if params else ""))
-    if what in ("all", "metrics"):
-        typer.echo("metrics:")
-        for m in METRICS.values():
-            typer.echo(f"  {m.name:16s} {'higher' if m.higher_is_better else 'lower'} is better: {m.description}")
-    if what in ("all", "models"):
-        typer.echo("models: " + ", ".join(MODELS.names()) + "  (or any hub id / local path)")
+            if params:
+                lines.append(f"{'':12s}params: {params}")
+            for c in cls.conflicts:
+                lines.append(f"{'':12s}refuses: {c.describe(name)}")
+        return lines
+
+    def metrics() -> list[str]:
+        return [f"{name:22s} {'higher' if m.higher_is_better else 'lower':6s} is better  "
+                f"{'shown ' if m.shown else 'hidden'}  {'no claim' if m.claim_sign is None else f'claim {m.claim_sign:+d}'}"
+                f"  {m.formula}" for name, m in METRICS.items()]
+
+    sections = {
+        "streams": lambda: [f"{name:24s} {path}" for name, path in builtin_stream_files().items()],
+        "strategies": strategies,
+        "kinds": lambda: [f"{k:16s} " + (f"at most one: {SINGLE_KINDS[k]}" if k in SINGLE_KINDS
+                                         else f"several: {STACKING[k]}") for k in KINDS],
+        "metrics": metrics,
+        "scorers": lambda: [f"{name:16s} {'higher' if s.higher_is_better else 'lower':6s} is better: {doc(s.fn)}"
+                            f"{also(name, SCORERS)}" for name, s in SCORERS.items()],
+        "builders": lambda: [f"{name:24s} {doc(fn)}" for name, fn in DATA_BUILDERS.items()],
+        "models": lambda: [f"{name:24s} {doc(fn)}" for name, fn in MODELS.items()] + ["(or any hub id / local path)"],
+    }
+    if what != "all" and what not in sections:
+        raise UserError(f"cannot list {what!r}: {did_you_mean(what, sections)}choose {', '.join(sections)} or all")
+    for name, lines in sections.items():
+        if what in ("all", name):
+            typer.echo(f"{name}:")
+            for line in lines():
+                typer.echo(f"  {line}")
 
 
 @app.command()
@@ -162,7 +211,7 @@ def leaderboard(
     sort: str = typer.Option("acc", help="metric to rank by"),
 ) -> None:
     """Aggregate records (mean ± std over seeds) into ranked markdown and CSV tables."""
-    from .leaderboard import publish
+    from .reports.leaderboard import publish
     for name, md in publish(records, out, sort).items():
         typer.echo(f"{name}  ({out / name / 'leaderboard.md'})\n{md}\n")
 
@@ -199,7 +248,7 @@ def landscape(
     quiet: bool = typer.Option(False, help="no progress bars"),
 ) -> None:
     """Loss surface (contour + 3-D PNG, JSON) and sharpness scalars of a model on one task."""
-    from .landscape import landscape as compute
+    from .reports.landscape import landscape as compute
     _quiet_libraries(quiet)
     r = compute(stream, task, checkpoint, model, split, n, grid, span, out, seed, line_steps, progress=not quiet)
     typer.echo(json.dumps({"surface_sharpness": r["surface_sharpness"], "sharpness": r["sharpness"]}, indent=1))
@@ -213,7 +262,7 @@ def landscape_compare(
     out: Path = typer.Option(..., help="the PNG to write"),
 ) -> None:
     """Contours of several landscapes side by side on one colour scale (e.g. after naive and after SAM)."""
-    from .landscape import compare_landscapes
+    from .reports.landscape import compare_landscapes
     typer.echo(f"wrote {compare_landscapes(landscapes, out)}")
 
 
@@ -223,7 +272,7 @@ def correlate(
     out: Path = typer.Option(Path("correlations"), help="where correlation.{csv,md,png} and runs.csv go"),
 ) -> None:
     """Correlate sharpness with forgetting across runs: Spearman (bootstrap CI), Pearson, scatter plots."""
-    from .landscape import correlate as compute
+    from .reports.correlate import correlate as compute
     r = compute(records, out)
     typer.echo(r["markdown"])
     for path in r["files"].values():

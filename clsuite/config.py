@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import UserError
+from .errors import UserError, pydantic_message
+from .strategy import canonical_spec
+
+if TYPE_CHECKING:
+    from .streams import Stream
 
 
 class _Strict(BaseModel):
@@ -58,7 +62,7 @@ class EvalConfig(_Strict):
     max_length: int = Field(128, ge=8)
     max_examples: int | None = Field(None, ge=1, description="cap on eval examples per task")
     sharpness: Literal["off", "cheap", "full"] = Field(
-        "off", description="sharpness scalars after each experience (clsuite.landscape.measure_sharpness)")
+        "off", description="sharpness scalars after each experience (clsuite.sharpness.measure_sharpness)")
     sharpness_examples: int = Field(32, ge=1, description="first train rows of the experience's task measured")
 
 
@@ -72,15 +76,18 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
 
 
-def _loc(loc: tuple) -> str:
-    """A pydantic error location on one line: keys with newlines or other unprintables are quoted."""
-    return ".".join(str(k) if str(k).isprintable() else repr(k) for k in loc)
-
-
 def validated(cls: type[BaseModel], data: dict, where: str) -> BaseModel:
-    """Build ``cls`` from ``data`` or raise a one-line UserError naming each bad field."""
+    """Build ``cls`` from ``data`` or raise a one-line UserError naming each bad field (and a misspelt key's fix)."""
     try:
         return cls.model_validate(data)  # not cls(**data): keys need not be strings
     except pydantic.ValidationError as e:
-        errs = "; ".join(f"{_loc(x['loc']) or 'value'}: {x['msg']}" for x in e.errors())
-        raise UserError(f"{where}: {errs}") from None
+        raise UserError(f"{where}: {pydantic_message(e, cls)}") from None
+
+
+def resolve_config(stream: Stream, strategy: str, seed: int, model: str | None = None,
+                   train: dict[str, Any] | None = None, eval: dict[str, Any] | None = None) -> RunConfig:
+    """The stream's defaults overlaid with the caller's settings, validated."""
+    tc = validated(TrainConfig, {**stream.train, **(train or {})}, f"training settings of stream {stream.name}")
+    ec = validated(EvalConfig, {**stream.eval, **(eval or {})}, f"evaluation settings of stream {stream.name}")
+    return RunConfig(stream=stream.name, strategy=canonical_spec(strategy), seed=seed,
+                     model=model or stream.model, train=tc, eval=ec)

@@ -47,20 +47,26 @@ def collate(tok: Any, examples: list[dict], chat: bool, max_length: int) -> dict
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits ``(B, K, V)`` of the last K positions, from the earliest target position on: with long prompts and
+    short answers, the vocabulary projection (and its softmax) at every prompt token is most of the head's cost."""
+    dev = next(model.parameters()).device
+    labels = batch["labels"][:, 1:]
+    targets = labels != -100
+    first = int(targets.any(0).nonzero()[0]) if targets.any() else 0
+    kwargs = {"logits_to_keep": labels.shape[1] + 1 - first} if first and keeps_logits(model) else {}
+    return model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                 **kwargs).logits
+
+
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """Per-example mean NLL of the target tokens, averaged over examples (``reduction='none'``: per example).
 
     Averaging per example (not per token) makes k micro-batches of n examples equal one batch of k*n,
     which keeps gradient accumulation and data parallelism exact.
     """
-    dev = next(model.parameters()).device
-    batch = {k: v.to(dev) for k, v in batch.items()}
-    labels = batch["labels"][:, 1:]
-    # Logits are needed only from the earliest target position on: with long prompts and short answers,
-    # computing the vocabulary projection (and its softmax) for every prompt token is most of the head's cost.
-    first = int((labels != -100).any(0).nonzero()[0]) if (labels != -100).any() else 0
-    kwargs = {"logits_to_keep": labels.shape[1] + 1 - first} if first and keeps_logits(model) else {}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits[:, :-1]
+    logits = forward_logits(model, batch)[:, :-1]
+    labels = batch["labels"][:, 1:].to(logits.device)
     labels = labels[:, labels.shape[1] - logits.shape[1]:]
     nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
     per_example = nll.sum(1) / (labels != -100).sum(1).clamp(min=1)

@@ -1,40 +1,5 @@
-"""Data parallelism over torch.distributed: rank and world size, sharding, gradient all-reduce, barriers.
-
-Every function here is a no-op (or the identity) when no process group is initialised, so one process runs
-exactly the code it always ran.
-
-How ``torchrun --nproc_per_node w -m clsuite.cli run ...`` trains:
-
-* ``init_from_env`` joins the group torchrun (or ``accelerate launch``) describes in the environment: backend
-  nccl with one GPU per rank (``LOCAL_RANK``) when CUDA is available, gloo on the CPU otherwise.
-* Every rank builds the same model, data and plugins from the same seed, and rank 0's weights are broadcast at
-  the start of each experience (as DDP does when it wraps a model; a parametrization may just have added
-  weights). The engine's batch generator and the data plugins (replay) run identically on every rank, so each
-  rank holds the same *global* batch and trains on its strided shard ``batch[rank::w]``.
-* After the closure's backward passes the engine calls ``average_gradients``: ``.grad`` becomes the mean over
-  ranks. ``clsuite.data.lm_loss`` is a per-example mean and every rank's shard has ``batch_size / w`` examples
-  in ``grad_accum`` equal micro-batches (``check_batch``), so the result is the gradient one process computes
-  on the whole global batch, loss plugins' terms included.
-* Evaluation, sharpness and the record are rank 0's; the other ranks wait at a barrier.
-
-Why an explicit all-reduce in the engine's closure rather than ``DistributedDataParallel``:
-
-* SAM needs, after *each* of its two closure calls, the gradient averaged over all ranks (its global norm sets
-  the perturbation). The closure ends with one all-reduce of every ``.grad``, so both passes see the global
-  gradient, and any update rule that calls the closure gets it without knowing about ranks. DDP all-reduces
-  inside every ``backward()``; with gradient accumulation that needs ``no_sync()`` on all but the last
-  micro-batch, and EWC's per-example ``torch.autograd.grad`` calls through the model would each need
-  ``no_sync()`` (or the unwrapped module) so that nothing is reduced per example.
-* DDP wraps the model: parameter names gain a ``module.`` prefix (EWC matches its Fisher by name, Wise-FT and
-  LoRA read state dicts) and ``generate``/``save_pretrained`` must be reached through ``.module``. Without
-  the wrapper ``ctx.model`` stays the Hugging Face model on every rank.
-* The cost: DDP overlaps its bucketed all-reduce with the backward pass; here the all-reduce follows the
-  backward passes (one per closure call, not per micro-batch), so communication is not hidden behind compute.
-
-The all-reduce runs on flat float32 (float64 kept) buffers of at most ``_BUCKET`` elements, so half-precision
-gradients are summed in float32 and the extra memory is bounded. Sums over ranks are identical on every rank
-(each element is reduced once, then shared), so the ranks' weights stay bit-identical after every step.
-"""
+"""Data parallelism over torch.distributed: rank and world size, sharding, gradient all-reduce, status exchanges;
+every function is the identity without a process group (docs/distributed.md, docs/faults.md)."""
 from __future__ import annotations
 
 import atexit
@@ -46,11 +11,12 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import DivergenceError, UserError
+from .numerics import at_least_float32
 
 T = TypeVar("T")
 _BUCKET = 1 << 25  # elements per collective: bounds the flat copy to 128 MiB in float32
-# Ranks other than 0 wait at a barrier while rank 0 evaluates; the default timeout (10 min on nccl) is too short.
+# Ranks other than 0 wait in ``agree`` while rank 0 evaluates; the default timeout (10 min on nccl) is too short.
 _TIMEOUT = timedelta(hours=2)
 
 
@@ -128,7 +94,7 @@ def check_batch(batch_size: int, grad_accum: int, rows: int | None = None) -> No
 def _wide(dtype: torch.dtype) -> torch.dtype:
     """The dtype a tensor travels in: float32 for half precision (summed without overflow), uint8 for bool."""
     if dtype.is_floating_point:
-        return torch.promote_types(dtype, torch.float32)
+        return at_least_float32(dtype)
     return torch.uint8 if dtype == torch.bool else dtype
 
 
@@ -204,17 +170,69 @@ def average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> t
     return loss
 
 
-def barrier() -> None:
-    """Wait until every rank gets here."""
-    if is_distributed():
-        dist.barrier()
+class RankFailed(RuntimeError):
+    """An exception on another rank (not a DivergenceError or UserError), passed on by ``agree``."""
+
+
+_PASSED_ON = (DivergenceError, UserError)  # raised as themselves on the other ranks; others become RankFailed
+_MESSAGE_BYTES = 2048
+
+
+def agree(error: BaseException | None = None) -> None:
+    """Meet every other rank and learn whether one failed (``error``: this rank's exception, if any): a rank that
+    did not fail raises the lowest failing rank's error, with its message; a failing rank returns and re-raises its
+    own. One all-reduce of a small byte tensor; a no-op in one process."""
+    if not is_distributed():
+        return
+    status = torch.zeros(world_size(), 1 + _MESSAGE_BYTES, dtype=torch.uint8)
+    if error is not None:
+        kind = next((i for i, k in enumerate(_PASSED_ON, 1) if isinstance(error, k)), len(_PASSED_ON) + 1)
+        text = str(error) if kind <= len(_PASSED_ON) else f"{type(error).__name__}: {error}"
+        data = text.encode()[:_MESSAGE_BYTES]
+        status[rank(), 0] = kind
+        status[rank(), 1:1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    status = status.to(device())
+    dist.all_reduce(status)  # each row is written by one rank only: the sum is every rank's status
+    failed = status[:, 0].nonzero().flatten().tolist()
+    if not failed or error is not None:
+        return
+    row = status[failed[0]].cpu()
+    text = bytes(row[1:].tolist()).rstrip(b"\0").decode(errors="replace")
+    kind = int(row[0])
+    if kind <= len(_PASSED_ON):
+        raise _PASSED_ON[kind - 1](text)
+    raise RankFailed(f"rank {failed[0]} failed: {text}")
+
+
+def on_main(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 alone (evaluation, writing) while the others wait; an exception there is raised on
+    every rank at once (``agree``). Returns ``fn``'s result on rank 0, None elsewhere."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    agree(error)
+    if error is not None:
+        raise error
+    return result
 
 
 @contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. building a cached model), the other ranks after it."""
+    """Rank 0 runs the block first (e.g. building a cached model), the other ranks after it; a failure on any rank
+    is raised on every rank (``agree``)."""
+    if not is_distributed():
+        yield
+        return
     if not is_main():
-        barrier()
-    yield
+        agree()  # rank 0's block has run (its error is raised here)
+    try:
+        yield
+    except Exception as e:
+        agree(e)
+        raise
     if is_main():
-        barrier()
+        agree()  # the meeting the others hold before their block
+    agree()  # every other rank's block has run

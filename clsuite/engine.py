@@ -1,15 +1,11 @@
-"""The continual-learning loop: train on each experience in turn, evaluate every task and probe after each.
-
-Strategy hooks are called in kind order (see ``clsuite.strategy``). The training objective of one optimizer
-step is a closure over fixed micro-batches, so an update rule such as SAM can re-evaluate the *whole*
-objective (task loss, every plugin's loss term, replayed examples) at perturbed weights.
-"""
+"""The continual-learning loop: train on each experience in turn, evaluate every task and probe after each
+(design: docs/engine.md)."""
 from __future__ import annotations
 
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -21,6 +17,7 @@ from .config import RunConfig, TrainConfig
 from .data import collate, lm_loss
 from .errors import DivergenceError, UserError
 from .scoring import score
+from .sharpness import measure_sharpness
 from .strategy import Strategy
 from .streams import Stream, Task
 
@@ -43,7 +40,6 @@ class Context:
     total_steps: int = 0  # optimizer steps of the current experience (TrainConfig.steps_for its train rows)
     batch: dict[str, torch.Tensor] | None = None  # the micro-batch being processed (for batch-dependent loss terms)
     example_passes: int = 0  # examples through a forward+backward pass, all plugins' extra work included
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -61,7 +57,9 @@ class Context:
         return lm_loss(self.model, self.collate(examples), reduction)
 
     def base_step(self) -> None:
-        """Clip the gradients now in ``.grad`` and step the base optimizer."""
+        """Let every plugin change the gradient now in ``.grad`` (``before_update``, in kind order), clip it and step
+        the base optimizer."""
+        self.call("before_update")
         if self.config.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.train.max_grad_norm)
         self.optimizer.step()
@@ -110,6 +108,31 @@ def _split(items: list, n: int) -> list[list]:
     return [items[bounds[i]:bounds[i + 1]] for i in range(n)]
 
 
+def make_closure(ctx: Context, micro: list[dict[str, torch.Tensor]], examples: list[dict],
+                 params: list[torch.nn.Parameter]) -> Callable[[], torch.Tensor]:
+    """The objective of one optimizer step: gradients of the task loss plus every plugin's term over the fixed
+    micro-batches ``micro`` (of ``examples``) left in ``.grad``; returns the loss. An update rule may call it twice."""
+    cfg = ctx.config.train
+
+    def closure() -> torch.Tensor:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros(())
+        for ctx.batch in micro:
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss = lm_loss(ctx.model, ctx.batch)
+                for p in ctx.plugins:
+                    term = p.before_backward(ctx)
+                    if term is not None:
+                        loss = loss + term
+            (loss / len(micro)).backward()
+            total += loss.detach().cpu() / len(micro)
+        ctx.example_passes += len(examples)
+        # every pass (SAM's two included) leaves the gradient averaged over ranks in .grad
+        return dist.average_gradients(params, total)
+
+    return closure
+
+
 def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
     """Train the current experience; returns its timing, token count and loss curve."""
     cfg = ctx.config.train
@@ -136,23 +159,7 @@ def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
         # data plugins saw the global batch (identical on every rank); each rank trains on its shard
         micro = [ctx.collate(chunk) for chunk in _split(dist.shard(examples), cfg.grad_accum)]
         tokens += sum(int(b["attention_mask"].sum()) for b in micro)
-
-        def closure() -> torch.Tensor:
-            ctx.optimizer.zero_grad(set_to_none=True)
-            total = torch.zeros(())
-            for ctx.batch in micro:
-                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    loss = lm_loss(ctx.model, ctx.batch)
-                    for p in ctx.plugins:
-                        term = p.before_backward(ctx)
-                        if term is not None:
-                            loss = loss + term
-                (loss / len(micro)).backward()
-                total += loss.detach().cpu() / len(micro)
-            ctx.example_passes += len(examples)
-            # every pass (SAM's two included) leaves the gradient averaged over ranks in .grad
-            return dist.average_gradients(params, total)
-
+        closure = make_closure(ctx, micro, examples, params)
         if update is None:
             loss = closure()
             ctx.base_step()
@@ -188,23 +195,35 @@ def evaluate(ctx: Context, tasks: list[Task]) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_stream(ctx: Context, progress: bool = True, on_row: Callable[[int, dict], None] | None = None,
-               after_experience: Callable[[dict[str, Any]], None] | None = None,
-               restore: Callable[[Context], dict[str, Any]] | None = None,
-               initial: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate the initial model, then train and evaluate each experience; returns matrices and per-experience logs.
+@dataclass
+class RunHooks:
+    """What the caller adds around the loop (all optional).
+    ``initial``: row 0 already evaluated on these very weights (``clsuite.evalcache``), used instead of evaluating;
+    ``on_row(i, row)``: after each row evaluated here; ``after_experience(result)``: at the end of each experience
+    with the rows and logs so far (checkpoints); ``restore(ctx)``: resumes a run: called after ``before_training``
+    instead of evaluating row 0, it loads a checkpoint into ``ctx`` and returns its rows and logs."""
+    initial: dict[str, Any] | None = None
+    on_row: Callable[[int, dict], None] | None = None
+    after_experience: Callable[[dict[str, Any]], None] | None = None
+    restore: Callable[[Context], dict[str, Any]] | None = None
 
-    ``initial``: row 0 already evaluated on these very weights (``clsuite.evalcache``), used instead of evaluating.
-    ``on_row(i, row)`` runs after each row that was evaluated here.
-    ``after_experience(result)`` runs at the end of each experience with the rows and logs so far (checkpoints).
-    ``restore(ctx)`` resumes a run: called after ``before_training`` instead of evaluating row 0, it loads a
-    checkpoint's state into ``ctx`` and returns its rows and logs; training continues with the next experience."""
+
+def run_stream(ctx: Context, progress: bool = True, hooks: RunHooks | None = None) -> dict[str, Any]:
+    """Evaluate the initial model, then train and evaluate each experience; returns matrices and per-experience logs."""
+    hooks = hooks or RunHooks()
     stream = ctx.stream
     rows, experiences = [], []
 
     def add_row(cached: dict[str, Any] | None = None) -> None:
-        if not dist.is_main():  # evaluation is rank 0's alone (it writes the record); the others wait for it
-            return dist.barrier()
+        # evaluation is rank 0's alone (it writes the record); the others wait, and its failure reaches them
+        dist.on_main(lambda: evaluate_row(cached))
+
+    def evaluate_row(cached: dict[str, Any] | None) -> None:
+        if experiences and ctx.config.eval.sharpness != "off":  # after an experience, of the weights evaluated
+            t0 = time.perf_counter()
+            experiences[-1]["sharpness"] = measure_sharpness(ctx, ctx.config.eval.sharpness,
+                                                             ctx.config.eval.sharpness_examples)
+            experiences[-1]["sharpness_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         rows.append(cached or {"tasks": evaluate(ctx, stream.tasks), "probes": evaluate(ctx, stream.probes)})
         bad = [n for part in rows[-1].values() for n, r in part.items() if not math.isfinite(r["score"])]
@@ -213,15 +232,14 @@ def run_stream(ctx: Context, progress: bool = True, on_row: Callable[[int, dict]
                                   "the weights diverged; lower the learning rate or the strategy's step size")
         if experiences:
             experiences[-1]["eval_seconds"] = time.perf_counter() - t0
-        if on_row and cached is None:
-            on_row(len(rows) - 1, rows[-1])
-        dist.barrier()
+        if hooks.on_row and cached is None:
+            hooks.on_row(len(rows) - 1, rows[-1])
 
-    if restore is None:
-        add_row(initial)
+    if hooks.restore is None:
+        add_row(hooks.initial)
     ctx.call("before_training")  # also on resume: a parametrization wraps the model here, then state is loaded
-    if restore is not None:
-        done = restore(ctx)
+    if hooks.restore is not None:
+        done = hooks.restore(ctx)
         rows.extend(done["rows"])
         experiences.extend(done["experiences"])
     for ctx.experience, ctx.task in enumerate(tqdm(stream.tasks, desc=f"{ctx.config.strategy} seed {ctx.config.seed}",
@@ -231,15 +249,8 @@ def run_stream(ctx: Context, progress: bool = True, on_row: Callable[[int, dict]
         ctx.call("before_training_exp")
         experiences.append(train_experience(ctx, progress))
         ctx.call("after_training_exp")
-        # the weights that are evaluated (after merges / Wise-FT); like evaluation, rank 0's alone
-        if ctx.config.eval.sharpness != "off" and dist.is_main():
-            from .landscape import measure_sharpness
-            t0 = time.perf_counter()
-            experiences[-1]["sharpness"] = measure_sharpness(ctx, ctx.config.eval.sharpness,
-                                                             ctx.config.eval.sharpness_examples)
-            experiences[-1]["sharpness_seconds"] = time.perf_counter() - t0
-        add_row()
-        if after_experience:
-            after_experience({"rows": rows, "experiences": experiences})
+        add_row()  # of the weights after merges / Wise-FT, with their sharpness
+        if hooks.after_experience:
+            hooks.after_experience({"rows": rows, "experiences": experiences})
     ctx.call("after_training")
     return {"rows": rows, "experiences": experiences}

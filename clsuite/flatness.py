@@ -1,82 +1,5 @@
-"""Model-agnostic flatness / sharpness measures of a loss landscape.
-
-Every function takes a ``torch.nn.Module`` ``model``, a list of parameters ``params`` (default: the model's
-parameters with ``requires_grad``, deduplicated, so with a LoRA model only the adapter is perturbed) and
-``loss_fn: () -> scalar Tensor`` that evaluates the model on a fixed batch (the caller closes over the data).
-Lower values always mean flatter.  Hessian eigenvalue/trace and the ρ-ball sharpness are measured in the raw
-parameter metric (not invariant to rescaling weights, and ρ means something different for a LoRA adapter than
-for full weights); the filter-normalized surfaces are scale-invariant per row.
-
-Conventions shared by all functions
------------------------------------
-* The selected parameters are treated as ONE vector θ: ⟨u, v⟩ = Σ_p Σ_i u_p[i] v_p[i] over all tensors,
-  ‖u‖ = √⟨u, u⟩ (global L2 norm, never per tensor).  L(θ) = ``loss_fn()``.
-* The weights are copied before and copied back (``p.copy_``, under ``torch.no_grad``) afterwards, so they are
-  bit-exactly restored, also on error.  ``.grad`` fields are never touched (``torch.autograd.grad`` is used).
-* The model is put in ``eval()`` mode for the measurement (dropout off, so ``loss_fn`` is deterministic) and
-  every submodule's ``training`` flag is restored afterwards.  Explicitly passed frozen parameters get
-  ``requires_grad`` temporarily switched on.
-* Randomness comes from a local ``torch.Generator`` (CPU, seeded with ``seed``), draws in float32 then cast to
-  each parameter's device/dtype: results do not depend on, and do not advance, the global RNG.
-* Hessian-vector products run the forward pass with ``SDPBackend.MATH`` scaled-dot-product attention, because
-  the fused (flash / memory-efficient) SDPA kernels have no double backward.  Other kernels without double
-  backward (e.g. ``attn_implementation="flash_attention_2"``, fused cross-entropy) must be avoided by the caller.
-* A full Hessian is never formed; memory is O(#params) vectors plus one retained double-backward graph.
-
-Formulas
---------
-Random directions (``random_directions``): d_p ~ N(0, I) i.i.d. for every tensor p.  With filter normalization
-(Li et al. 2018, "Visualizing the loss landscape of neural nets"), a tensor with ≥ 2 dims is viewed as rows
-r = 0..shape[0]-1 (a row = one filter / output unit, ``p[r].flatten()``; for an embedding: one token) and
-    d_{p,r} ← d_{p,r} · ‖θ_{p,r}‖ / (‖d_{p,r}‖ + 1e-10),
-while tensors with ≤ 1 dim (biases, norm gains, scalars) get d_p = 0 (Li et al.'s convention: they are not
-perturbed).  Rows of zero weights (e.g. LoRA ``B`` at initialisation) therefore get a zero direction.
-
-Surfaces: f(α) = L(θ + α d₁) for α ∈ linspace(−span, span, steps) (``loss_surface_1d``) and
-f(α, β) = L(θ + α d₁ + β d₂) on the product grid (``loss_surface_2d``); ``loss[i, j] = f(alphas[i], betas[j])``.
-
-``surface_sharpness`` on a 2-D grid with spacings h_α = α₁ − α₀, h_β = β₁ − β₀ (n × m points, n, m ≥ 3):
-    curvature         = mean_{0<i<n−1, 0<j<m−1} [ (f_{i+1,j} − 2 f_{i,j} + f_{i−1,j}) / h_α²
-                                                 + (f_{i,j+1} − 2 f_{i,j} + f_{i,j−1}) / h_β² ]
-                        (mean signed discrete Laplacian over the interior; exactly d₁ᵀH d₁ + d₂ᵀH d₂ for a
-                        quadratic loss with Hessian H),
-    (∂_α f, ∂_β f)    = numpy.gradient(f, alphas, betas)  (central differences inside, one-sided at edges),
-    avg_gradient      = mean_{all i,j} √(∂_α f² + ∂_β f²),
-    mean_abs_gradient = mean_{all i,j} (|∂_α f| + |∂_β f|) / 2.
-On a 1-D surface: curvature = mean_{0<i<n−1} (f_{i+1} − 2 f_i + f_{i−1}) / h², and
-avg_gradient = mean_abs_gradient = mean_i |∂_α f|.
-
-Hessian-vector product (Pearlmutter): H v = ∇_θ ⟨∇_θ L(θ), v⟩ (``autograd.grad`` with ``create_graph=True``,
-then a second ``autograd.grad`` with ``grad_outputs=v``; the first-order graph is built once and retained).
-
-``hessian_top_eigenvalue`` (power iteration, as in PyHessian): v₀ ~ N(0, I)/‖·‖;  w_k = H v_k;
-λ_k = ⟨v_k, w_k⟩;  v_{k+1} = w_k / ‖w_k‖;  stop when |λ_k − λ_{k−1}| ≤ tol·(|λ_{k−1}| + 1e−12) or after
-``iters`` products.  This converges to the eigenvalue λ_dom of largest magnitude at rate (|λ₂|/|λ₁|)^{2k}.  If
-λ_dom ≥ 0 it is λ_max and is returned.  If λ_dom < 0 (indefinite Hessian, e.g. at random initialisation), the
-same iteration is run on H − λ_dom·I (positive semi-definite up to convergence error; fresh seeded start) and
-λ_max = λ_dom + (its dominant eigenvalue) is returned.  Slow convergence (|λ₂| ≈ |λ₁|) shows as a result that
-changes with ``iters``; report ``iters``/``tol`` with the number.
-
-``hessian_trace`` (Hutchinson): tr(H) ≈ (1/S) Σ_{s=1..S} z_sᵀ H z_s with z_s ∈ {−1, +1}^N i.i.d. Rademacher.
-Unbiased, Var(zᵀHz) = 2 Σ_{i≠j} H_ij², hence exact (zero variance) for a diagonal H.
-
-``worst_case_sharpness`` (SAM-style, Foret et al. 2021): S_ρ = max_{‖e‖≤ρ} L(θ + e) − L(θ), estimated from
-below by normalized projected gradient ascent with K = ``steps`` gradient evaluations:
-    e₀ = 0;  g_k = ∇L(θ + e_k);  e_{k+1} = Π_ρ(e_k + η g_k/‖g_k‖),  Π_ρ(x) = x · min(1, ρ/‖x‖),
-    η = ``step_size`` (default ρ);   returned value = max_{1≤k≤K} L(θ + e_k) − L(θ).
-K = 1 gives SAM's first-order solution e = ρ g/‖g‖ (so L(θ+e) − L(θ) = ρ‖g‖ + ½ρ² ĝᵀHĝ for a quadratic).  The
-max over iterates makes the value non-decreasing in K and never above S_ρ.  If ‖g_k‖ < 1e−12 (stationary
-point) a seeded Gaussian unit direction replaces g_k/‖g_k‖.
-
-Cost (one "pass" = one forward + one backward over the batch)
-------------------------------------------------------------
-* ``loss_surface_1d``: steps + 1 forwards;  ``loss_surface_2d``: steps² + 1 forwards (no backward).
-* ``hessian_top_eigenvalue``: 1 forward + 1 backward with graph, then ≤ ``iters`` HVPs (each ≈ 2 backwards),
-  ≤ 2·``iters`` when the shifted second run is needed;
-  ``hessian_trace``: the same with ``samples`` HVPs.  Memory ≈ 2–3 × a training step (retained graph).
-  Measured on CPU for Llama-shaped models: one HVP ≈ 2 × (forward + backward), the graph pass ≈ 2 ×.
-* ``worst_case_sharpness``: ``steps`` passes + 1 forward.
-"""
+"""Model-agnostic flatness and sharpness measures of a loss landscape on a fixed batch; lower is flatter.
+Conventions, formulas and costs: docs/flatness.md."""
 from __future__ import annotations
 
 import contextlib
@@ -88,6 +11,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .numerics import at_least_float32
+
 __all__ = [
     "random_directions",
     "loss_surface_1d",
@@ -97,7 +22,6 @@ __all__ = [
     "hessian_trace",
     "hutchinson_samples",
     "worst_case_sharpness",
-    "sharpness_report",
 ]
 
 LossFn = Callable[[], Tensor]
@@ -161,8 +85,8 @@ def _rademacher_like(params: list[Tensor], gen: torch.Generator) -> Vec:
 
 
 def _acc(x: Tensor) -> Tensor:
-    """At least float32 for reductions (float64 kept; no float64 upcast, which some devices lack)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    """``x`` in the dtype reductions are taken in."""
+    return x.to(at_least_float32(x.dtype))
 
 
 def _dot(a: Vec, b: Vec) -> float:
@@ -447,29 +371,3 @@ def worst_case_sharpness(model: torch.nn.Module, loss_fn: LossFn, params: Sequen
         with torch.no_grad():
             best = max(best, float(_scalar(loss_fn())))
     return best - base_loss
-
-
-# ---------------------------------------------------------------------------------------------- report
-def sharpness_report(model: torch.nn.Module, loss_fn: LossFn, params: Sequence[Tensor] | None = None, *,
-                     grid: int = 0, span: float = 1.0, filter_normalize: bool = True, rho: float = 0.05,
-                     ascent_steps: int = 1, eig_iters: int = 20, trace_samples: int = 10, seed: int = 0,
-                     disable_progress: bool = False) -> dict[str, float]:
-    """Scalars: ``base_loss``, ``top_eigenvalue``, ``hessian_trace``, ``worst_case_sharpness`` and, when
-    ``grid`` ≥ 3, the ``surface_*`` metrics of ``surface_sharpness`` on a grid × grid ``loss_surface_2d``."""
-    if 0 < grid < 3:
-        raise ValueError("grid must be 0 (no surface) or >= 3")
-    params = _resolve_params(model, params)
-    kw = dict(seed=seed, disable_progress=disable_progress)
-    with _measuring(model, params), torch.no_grad():
-        base_loss = float(_scalar(loss_fn()))
-    out: dict[str, float] = {
-        "base_loss": base_loss,
-        "top_eigenvalue": hessian_top_eigenvalue(model, loss_fn, params, iters=eig_iters, **kw),
-        "hessian_trace": hessian_trace(model, loss_fn, params, samples=trace_samples, **kw),
-        "worst_case_sharpness": worst_case_sharpness(model, loss_fn, params, rho=rho, steps=ascent_steps, **kw),
-    }
-    if grid:
-        surface = loss_surface_2d(model, loss_fn, params, span=span, steps=grid,
-                                  filter_normalize=filter_normalize, **kw)
-        out.update({f"surface_{k}": v for k, v in surface_sharpness(surface).items()})
-    return out

@@ -1,23 +1,6 @@
-"""Probes scored by lm-evaluation-harness on the in-memory model (nothing is saved and reloaded between tasks).
-
-A stream's probe ``{name: mmlu, category: knowledge, lm_eval: {task: mmlu, num_fewshot: 5, metric: acc}}`` is
-loaded once with the stream (lm-eval's ``TaskManager``, its datasets included) and evaluated after every
-experience by ``lm_eval.evaluator.evaluate`` through ``HFLM(pretrained=<the model object>)``. The probe's score is
-the task's (or group's) ``metric`` under the ``none`` filter unless the metric names one (``exact_match,strict-match``).
-
-Settings that make lm-eval's ``acc`` equal clsuite's ``multiple_choice`` scorer on the same rows: lm-eval scores
-``context + target_delimiter + choice`` (delimiter " " by default), so clsuite's choices need a leading " "; lm-eval
-uses the tokenizer's own special tokens (Llama: a BOS) where clsuite prepends ``bos_token``: they agree when the
-tokenizer adds BOS itself. ``acc_norm`` (length-normalised) has no clsuite counterpart.
-
-Few-shot examples are drawn with ``fewshot_seed`` re-applied before each evaluation, so every row of the P
-matrix sees the same prompts. lm-eval's global seeds (``random``, numpy, torch) are never touched: training
-randomness does not depend on whether lm-eval probes are present. Prompts are lm-eval's plain text whatever the
-stream's ``chat_template``; ``limit`` and the run's ``eval.max_examples`` (the smaller) cap documents per task.
-"""
+"""Probes scored by lm-evaluation-harness on the in-memory model (docs/lm-eval.md)."""
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -26,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 PROBE_KEYS = ("name", "category", "lm_eval")
 
@@ -129,8 +112,7 @@ def check_task(tm: Any, spec: LmEvalSpec, where: str) -> None:
     """The task is in lm-eval's index and reports ``spec.metric``: checked from its YAML, before any data loads."""
     entry = tm.task_index.get(spec.task)
     if entry is None:
-        close = difflib.get_close_matches(spec.task, tm.all_tasks, n=3)
-        hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
+        hint = did_you_mean(spec.task, tm.all_tasks, n=3)
         raise UserError(f"{where}: unknown lm-eval task {spec.task!r}: {hint}list them with `lm-eval ls tasks`; "
                         "for your own YAML files set include_path (lm-eval skips a YAML file it cannot parse)")
     cfg, kind = entry.cfg or {}, entry.kind.name

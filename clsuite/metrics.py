@@ -1,29 +1,5 @@
-"""Continual-learning metrics over a task-score matrix R and a probe-score matrix P.
-
-R has rows 0..T and columns 0..T-1 (0-based task c): R[i, c] is the score on task c after training
-through task i (1-based), row 0 is the model before the stream, so task c is learned at row c + 1.
-P has the same rows and one column per probe (held-out general-ability sets, never trained on).
-L, when given, is like P but holds the mean log-likelihood of the gold answer of each multiple-choice probe:
-a continuous signal that moves before accuracy does (metrics with ``on="loglik"`` read it).
-Scores may be on any scale (accuracy, exact match, log-likelihood); differences keep that scale.
-probe_fg divides by |P[0, p]| so that FG > 0 means forgetting even for negative (log-likelihood) scores;
-probes with P[0, p] == 0 are skipped, and FG is None when none remain.
-
-Differences from avalanche-lib 0.6.0 (checked in tests/test_metrics.py by replaying R through its
-StreamAccuracy / StreamForgetting / StreamBWT / StreamForwardTransfer plugins, one eval after init
-and one after each experience):
-- acc: Avalanche's StreamAccuracy pools all patterns of the stream (micro average); ours is the
-  unweighted mean over tasks. They agree when every task's eval set has the same size.
-- forgetting: Avalanche's is R[c+1, c] - R[T, c] (score right after learning minus last score),
-  ours takes the max over rows c+1..T-1 (Chaudhry et al. 2018), so ours >= Avalanche's, equal when
-  no task peaks after the step that learned it. Both average over the T-1 tasks learned before the
-  last one.
-- bwt: Avalanche's StreamBWT is minus its forgetting, which is exactly Lopez-Paz & Ranzato's BWT:
-  identical to ours.
-- fwt: Avalanche's StreamForwardTransfer is mean_{c>=1} (R[c, c] - R[0, c]) with R[0] its eval at
-  initialisation: identical to ours when that eval exists (it needs eval_every > -1).
-- T = 1: Avalanche reports 0.0 for forgetting, BWT and FWT (an empty Mean); we report None.
-"""
+"""Continual-learning metrics over the task-score matrix R and the probe-score matrix P, each registered once with
+its formula and direction (definitions and differences from Avalanche: docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -33,30 +9,71 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import UserError
+from .registry import Registry
 
-__all__ = ["Metric", "METRICS", "compute_metrics"]
+__all__ = ["Metric", "METRICS", "register_metric", "shown_metrics", "claim_signs", "compute_metrics"]
+
+MetricFn = Callable[[np.ndarray, np.ndarray | None], float | None]
 
 
 @dataclass(frozen=True)
 class Metric:
-    """A named metric over (R, P) that knows which direction is better."""
+    """A named metric over (R, P): its formula, which direction is better, whether leaderboard tables show it, and
+    the sign of its correlation with sharpness that the sharpness-forgetting claim predicts (None: no claim)."""
 
     name: str
-    fn: Callable[[np.ndarray, np.ndarray | None], float | None]
+    fn: MetricFn
     higher_is_better: bool
-    description: str
+    formula: str
+    shown: bool = False
+    claim_sign: int | None = None
     on: str = "scores"  # "loglik": fn gets the gold log-likelihood matrix L in place of P
 
+    def __post_init__(self) -> None:
+        if self.claim_sign not in (1, -1, None):
+            raise ValueError(f"metric {self.name!r}: claim_sign must be +1, -1 or None, got {self.claim_sign!r}")
+        if self.on not in ("scores", "loglik"):
+            raise ValueError(f"metric {self.name!r}: on must be 'scores' or 'loglik', got {self.on!r}")
+        if not self.formula or "\n" in self.formula:
+            raise ValueError(f"metric {self.name!r}: give its formula on one line")
 
+    def __call__(self, R: np.ndarray, P: np.ndarray | None) -> float | None:
+        return self.fn(R, P)
+
+
+# Built-ins first, in the order leaderboards list them; entry points (group clsuite.metrics) follow.
+METRICS: Registry[Metric] = Registry("metric", "clsuite.metrics", instance_of=Metric, sort=False)
+
+
+def register_metric(name: str, *, higher_is_better: bool, formula: str, shown: bool = False,
+                    claim_sign: int | None = None, on: str = "scores") -> Callable[[MetricFn], Metric]:
+    """Decorator: ``@register_metric("x", higher_is_better=True, formula="...")`` on ``fn(R, P) -> float | None``
+    registers it and returns the ``Metric`` (still callable as ``fn``)."""
+
+    def wrap(fn: MetricFn) -> Metric:
+        m = Metric(name, fn, higher_is_better, formula, shown, claim_sign, on)
+        return METRICS.register(name, m, origin=fn.__module__)
+
+    return wrap
+
+
+def shown_metrics() -> list[str]:
+    """Names of the metrics that leaderboard tables show, in registry order."""
+    return [n for n, m in METRICS.items() if m.shown]
+
+
+def claim_signs() -> dict[str, int]:
+    """Metric name -> the sign of its correlation with sharpness that the sharpness claim predicts."""
+    return {n: m.claim_sign for n, m in METRICS.items() if m.claim_sign is not None}
+
+
+@register_metric("acc", higher_is_better=True, shown=True, formula="average final score: mean_c R[T, c]")
 def _acc(R: np.ndarray, P: np.ndarray | None) -> float:
     return float(R[-1].mean())
 
 
-def _plasticity(R: np.ndarray, P: np.ndarray | None) -> float:
-    T = R.shape[1]
-    return float(R[np.arange(1, T + 1), np.arange(T)].mean())
-
-
+@register_metric("bwt", higher_is_better=True, shown=True, claim_sign=-1,
+                 formula="backward transfer: mean_{c<T-1} (R[T, c] - R[c+1, c]); < 0 is forgetting")
 def _bwt(R: np.ndarray, P: np.ndarray | None) -> float | None:
     T = R.shape[1]
     if T < 2:
@@ -65,6 +82,8 @@ def _bwt(R: np.ndarray, P: np.ndarray | None) -> float | None:
     return float((R[T, c] - R[c + 1, c]).mean())
 
 
+@register_metric("fwt", higher_is_better=True, shown=True,
+                 formula="forward transfer: mean_{c>=1} (R[c, c] - R[0, c]), reference = initial model")
 def _fwt(R: np.ndarray, P: np.ndarray | None) -> float | None:
     T = R.shape[1]
     if T < 2:
@@ -73,6 +92,8 @@ def _fwt(R: np.ndarray, P: np.ndarray | None) -> float | None:
     return float((R[c, c] - R[0, c]).mean())
 
 
+@register_metric("forgetting", higher_is_better=False, shown=True, claim_sign=+1,
+                 formula="mean_{c<T-1} (max_{c<i<T} R[i, c] - R[T, c]), Chaudhry 2018")
 def _forgetting(R: np.ndarray, P: np.ndarray | None) -> float | None:
     T = R.shape[1]
     if T < 2:
@@ -80,14 +101,31 @@ def _forgetting(R: np.ndarray, P: np.ndarray | None) -> float | None:
     return float(np.mean([R[c + 1 : T, c].max() - R[T, c] for c in range(T - 1)]))
 
 
+@register_metric("plasticity", higher_is_better=True, shown=True,
+                 formula="learning accuracy: mean_c R[c+1, c], score right after learning")
+def _plasticity(R: np.ndarray, P: np.ndarray | None) -> float:
+    T = R.shape[1]
+    return float(R[np.arange(1, T + 1), np.arange(T)].mean())
+
+
 def _has_probes(P: np.ndarray | None) -> bool:
     return P is not None and P.shape[1] > 0
 
 
+@register_metric("probe_retention", higher_is_better=True, shown=True, claim_sign=-1,
+                 formula="delta AVG: mean_p (P[T, p] - P[0, p]); < 0 is forgetting")
 def _probe_retention(R: np.ndarray, P: np.ndarray | None) -> float | None:
     return float((P[-1] - P[0]).mean()) if _has_probes(P) else None
 
 
+register_metric("probe_loglik_retention", higher_is_better=True, shown=True, claim_sign=-1, on="loglik",
+                formula="mean_p (L[T, p] - L[0, p]): change of the gold answer's log-likelihood on the probes")(
+    _probe_retention.fn)
+
+
+@register_metric("probe_fg", higher_is_better=False, shown=True, claim_sign=+1,
+                 formula="relative forgetting: mean_{p, m>=1} (P[0, p] - P[m, p]) / |P[0, p]| * 100, "
+                         "skipping P[0, p] = 0")
 def _probe_fg(R: np.ndarray, P: np.ndarray | None) -> float | None:
     """Luo et al. 2023 FG, with |P[0, p]| as denominator so a positive FG means forgetting for negative scores too."""
     if not _has_probes(P):
@@ -99,32 +137,14 @@ def _probe_fg(R: np.ndarray, P: np.ndarray | None) -> float | None:
     return float(((base - P[1:, keep]) / np.abs(base) * 100).mean())
 
 
+@register_metric("probe_avg_final", higher_is_better=True, formula="mean_p P[T, p]")
 def _probe_avg_final(R: np.ndarray, P: np.ndarray | None) -> float | None:
     return float(P[-1].mean()) if _has_probes(P) else None
 
 
+@register_metric("probe_avg_initial", higher_is_better=True, formula="mean_p P[0, p]")
 def _probe_avg_initial(R: np.ndarray, P: np.ndarray | None) -> float | None:
     return float(P[0].mean()) if _has_probes(P) else None
-
-
-_FG = "relative forgetting: mean_{p, m>=1} (P[0, p] - P[m, p]) / |P[0, p]| * 100, skipping P[0, p] = 0"
-
-METRICS: dict[str, Metric] = {
-    m.name: m
-    for m in [
-        Metric("acc", _acc, True, "average final score: mean_c R[T, c]"),
-        Metric("bwt", _bwt, True, "backward transfer: mean_{c<T-1} (R[T, c] - R[c+1, c]); < 0 is forgetting"),
-        Metric("fwt", _fwt, True, "forward transfer: mean_{c>=1} (R[c, c] - R[0, c]), reference = initial model"),
-        Metric("forgetting", _forgetting, False, "mean_{c<T-1} (max_{c<i<T} R[i, c] - R[T, c]), Chaudhry 2018"),
-        Metric("plasticity", _plasticity, True, "learning accuracy: mean_c R[c+1, c], score right after learning"),
-        Metric("probe_retention", _probe_retention, True, "delta AVG: mean_p (P[T, p] - P[0, p]); < 0 is forgetting"),
-        Metric("probe_loglik_retention", _probe_retention, True,
-               "mean_p (L[T, p] - L[0, p]): change of the gold answer's log-likelihood on the probes", on="loglik"),
-        Metric("probe_fg", _probe_fg, False, _FG),
-        Metric("probe_avg_final", _probe_avg_final, True, "mean_p P[T, p]"),
-        Metric("probe_avg_initial", _probe_avg_initial, True, "mean_p P[0, p]"),
-    ]
-}
 
 
 def _matrix(x: Any, name: str) -> np.ndarray:

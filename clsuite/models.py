@@ -9,8 +9,8 @@ import os
 from .errors import UserError
 from .registry import Registry
 
-# name -> fn() -> (model, tokenizer); built-ins register from clsuite.benchmarks modules.
-MODELS: Registry[Callable[[], tuple[Any, Any]]] = Registry("model")
+# name -> fn() -> (model, tokenizer); built-ins register from clsuite.benchmarks modules, plugins through entry points.
+MODELS: Registry[Callable[[], tuple[Any, Any]]] = Registry("model", "clsuite.models", builtins="clsuite.benchmarks")
 
 
 def cache_dir() -> Path:
@@ -20,7 +20,6 @@ def cache_dir() -> Path:
 
 def load_model(name: str) -> tuple[Any, Any]:
     """(model, tokenizer) in float32 on the CPU, in train mode; tokenizer with a pad token."""
-    from . import benchmarks  # noqa: F401  (registers built-in models)
     if name in MODELS:
         model, tok = MODELS.get(name)()
     else:

@@ -3,24 +3,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from .errors import UserError
+from .atomic import write_json
+from .config import RunConfig
+from .errors import UserError, error_location, pydantic_message
+from .fingerprint import PARTS, fingerprint
+from .metrics import compute_metrics
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from .streams import Stream
+
+SCHEMA_VERSION = 2  # 2: records carry a fingerprint (clsuite.fingerprint); v1 ones are read, then migrated
 
 
 class RunRecord(BaseModel):
     """The schema every leaderboard input must satisfy (extra keys allowed for forward compatibility)."""
     model_config = ConfigDict(extra="allow")
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]  # new records are 2; a v1 record is read only to be migrated or shown
     status: Literal["complete", "failed"]
     stream: str
     strategy: str
@@ -39,6 +44,13 @@ class RunRecord(BaseModel):
     provenance: dict[str, Any] = {}
     error: str | None = None
     wall_seconds: float | None = None
+    fingerprint: dict[str, str] | None = None  # what determines the numbers (clsuite.fingerprint); required in v2
+
+    @pydantic.model_validator(mode="after")
+    def _fingerprinted(self) -> "RunRecord":
+        if self.schema_version == 2 and (self.fingerprint is None or not set(PARTS) <= set(self.fingerprint)):
+            raise ValueError(f"a schema v2 record needs its fingerprint, with {', '.join(PARTS)}")
+        return self
 
     @pydantic.model_validator(mode="after")
     def _shapes(self) -> "RunRecord":
@@ -58,31 +70,43 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text.replace(", ", ",")).strip("_")[:120]
 
 
-def _atomic_write(path: Path, write: Callable[[IO[str]], Any]) -> None:
-    """Run ``write`` on a temporary file beside ``path``, sync it, then rename it into place: readers see the old
-    file or the whole new one, never a part; a failure leaves the old file and no temporary one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def cell_fingerprint(cfg: RunConfig, stream: Stream) -> dict[str, str]:
+    """The fingerprint of a cell's record at this schema version (``clsuite.fingerprint``)."""
+    return fingerprint(cfg, stream, SCHEMA_VERSION)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (see ``_atomic_write``)."""
-    _atomic_write(path, lambda f: f.write(text))
+def record_path(out: Path, cfg: RunConfig, tag: str = "") -> Path:
+    """``out/<stream>/<strategy>/[<tag>/]seed<k>.json``; a sweep cell's ``tag`` names its hyper-parameters."""
+    base = Path(out) / slug(cfg.stream) / slug(cfg.strategy)
+    return (base / slug(tag) if tag else base) / f"seed{cfg.seed}.json"
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (see ``_atomic_write``); NaN and infinities are refused."""
-    _atomic_write(path, lambda f: json.dump(obj, f, indent=1, allow_nan=False))
+def new_record(cfg: RunConfig, stream: Stream, tag: str = "") -> dict[str, Any]:
+    """The part of a record known before the run: what was run, on what, and its fingerprint."""
+    return {
+        "schema_version": SCHEMA_VERSION, "status": "complete", "stream": cfg.stream, "strategy": cfg.strategy,
+        "seed": cfg.seed, "model": cfg.model, "config": cfg.model_dump(),
+        "tasks": [t.name for t in stream.tasks], "probes": [p.name for p in stream.probes],
+        "probe_categories": {p.name: p.category for p in stream.probes}, "fingerprint": cell_fingerprint(cfg, stream),
+        **({"tag": tag} if tag else {}),  # a sweep cell's hyper-parameters: its own leaderboard row
+    }
+
+
+def fill_record(record: dict[str, Any], result: dict[str, Any], cost: dict[str, Any]) -> dict[str, Any]:
+    """A complete record: the engine's evaluation ``rows`` as matrices R, P (and gold log-likelihoods L), metrics,
+    per-experience logs and the run's cost."""
+    rows = result["rows"]
+    R = [[r["tasks"][t]["score"] for t in record["tasks"]] for r in rows]
+    P = [[r["probes"][p]["score"] for p in record["probes"]] for r in rows]
+    scored = [p for p in record["probes"] if all("gold_loglik" in r["probes"][p] for r in rows)]
+    L = [[r["probes"][p]["gold_loglik"] for p in scored] for r in rows] if scored else None
+    return {**record, "R": R, "P": P, "metrics": compute_metrics(R, P, L), "details": rows,
+            "experiences": result["experiences"], "cost": cost}
+
+
+def failed_record(record: dict[str, Any], error: str) -> dict[str, Any]:
+    """A failed run's record: the error instead of results."""
+    return {**record, "status": "failed", "error": error, "R": [], "P": [], "metrics": {}}
 
 
 def read_record(path: Path) -> RunRecord:
@@ -101,7 +125,7 @@ def read_record(path: Path) -> RunRecord:
         return RunRecord(**data)
     except pydantic.ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(k) if str(k).isprintable() else repr(k) for k in first["loc"]) or "record"
+        where = error_location(first["loc"]) or "record"
         raise UserError(f"record {path} does not match the run-record schema v{SCHEMA_VERSION}: "
                         f"{where}: {first['msg']}") from None
 
@@ -111,8 +135,9 @@ def find_records(paths: list[Path]) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*.json")  # skip hidden temp files and saved models (<run>.model/)
-                          if not any(d.startswith(".") or d.endswith(".model") for d in q.relative_to(p).parts[:-1])
+            out += sorted(q for q in p.rglob("*.json")  # skip hidden temp files, saved models and checkpoints
+                          if not any(d.startswith(".") or d.endswith((".model", ".ckpt"))
+                                     for d in q.relative_to(p).parts[:-1])
                           and not q.name.startswith("."))
         elif p.exists():
             out.append(p)
@@ -121,7 +146,7 @@ def find_records(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _finite(x: Any) -> float | None:
+def finite_or_none(x: Any) -> float | None:
     """``x`` as a float when finite, else None (records are strict JSON: no NaN/inf)."""
     if isinstance(x, bool):
         return None
@@ -139,9 +164,49 @@ def run_sharpness(record: RunRecord) -> dict[str, float]:
     for e in record.experiences:
         sh = e.get("sharpness") if isinstance(e, dict) else None
         for k, v in (sh.items() if isinstance(sh, dict) else ()):
-            x = _finite(v)
+            x = finite_or_none(v)
             if x is not None:
                 vals.setdefault(k if k.startswith(prefix) else prefix + k, []).append(x)
     out = {k: sum(v) / len(v) for k, v in vals.items()}
-    out.update({k: x for k, v in record.metrics.items() if k.startswith(prefix) and (x := _finite(v)) is not None})
+    out.update({k: x for k, v in record.metrics.items() if k.startswith(prefix) and (x := finite_or_none(v)) is not None})
     return out
+
+
+MIGRATION_NOTE = ("migration asserts that the data and scoring did not change since these records were made (your "
+                  "responsibility): the records' row-0 scores cannot prove it")
+
+
+def migrate_records(paths: list[Path], stream_ref: str | None = None, dry_run: bool = False) -> tuple[list[Path], list[str]]:
+    """Give each schema-v1 record under ``paths`` its fingerprint (schema v2), computed from its config and the stream
+    as loaded now, written atomically; only when its task and probe names agree and its config validates.
+    Returns (migrated files, lines for the v1 records left as they were)."""
+    from .streams import load_stream  # loads datasets: only here
+    streams: dict[str, Stream] = {}
+    done, left = [], []
+    for f in find_records(paths):
+        r = read_record(f)
+        if r.schema_version == SCHEMA_VERSION:
+            continue
+        ref = stream_ref or r.stream
+        if ref not in streams:
+            try:
+                streams[ref] = load_stream(ref)
+            except UserError as e:
+                hint = "" if stream_ref else f"; give the stream of {f} with --stream NAME_OR_YAML"
+                raise UserError(f"{e}{hint}") from None
+        s = streams[ref]
+        try:
+            cfg = RunConfig.model_validate(r.config)
+        except pydantic.ValidationError as e:
+            left.append(f"{f}: its config does not validate now ({pydantic_message(e, RunConfig, first_only=True)})")
+            continue
+        tasks, probes = [t.name for t in s.tasks], [p.name for p in s.probes]
+        if (r.stream, r.tasks, r.probes) != (s.name, tasks, probes) or cfg.stream != s.name:
+            left.append(f"{f}: made on stream {r.stream!r} with tasks {r.tasks} and probes {r.probes}; stream "
+                        f"{s.name!r} ({s.source_file}) has tasks {tasks} and probes {probes}")
+            continue
+        if not dry_run:
+            data = json.loads(Path(f).read_text())  # as written: extra keys kept
+            write_json(f, {**data, "schema_version": SCHEMA_VERSION, "fingerprint": cell_fingerprint(cfg, s)})
+        done.append(f)
+    return done, left

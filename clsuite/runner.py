@@ -1,102 +1,103 @@
 """One run = (stream, strategy spec, seed): build everything, run the stream, write the record atomically."""
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import pydantic
-
 from . import distributed as dist
-from .checkpoint import has_checkpoint, load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
-from .config import RunConfig, TrainConfig, EvalConfig, validated
-from .engine import Context, run_stream, set_seed
+from .atomic import DiskFullError, write_dir, write_json
+from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
+from .config import RunConfig
+from .engine import Context, RunHooks, run_stream, set_seed
 from .errors import DivergenceError, UserError
 from .evalcache import cache_path, initial_key, load_initial, save_initial
-from .metrics import compute_metrics
+from .fingerprint import PARTS, FingerprintMismatch, describe, differing
 from .models import load_model
 from .provenance import provenance
-from .records import SCHEMA_VERSION, atomic_write_json, read_record, slug
-from .strategy import build_strategy, canonical_spec
+from .records import cell_fingerprint, failed_record, fill_record, new_record, read_record, record_path
+from .strategy import build_strategy
 from .streams import Stream
-
-
-def resolve_config(stream: Stream, strategy: str, seed: int, model: str | None = None,
-                   train: dict[str, Any] | None = None, eval: dict[str, Any] | None = None) -> RunConfig:
-    """The stream's defaults overlaid with the caller's settings, validated."""
-    tc = validated(TrainConfig, {**stream.train, **(train or {})}, f"training settings of stream {stream.name}")
-    ec = validated(EvalConfig, {**stream.eval, **(eval or {})}, f"evaluation settings of stream {stream.name}")
-    return RunConfig(stream=stream.name, strategy=canonical_spec(strategy), seed=seed,
-                     model=model or stream.model, train=tc, eval=ec)
-
-
-def record_path(out: Path, cfg: RunConfig, tag: str = "") -> Path:
-    """``out/<stream>/<strategy>/[<tag>/]seed<k>.json``; a sweep cell's ``tag`` names its hyper-parameters."""
-    base = Path(out) / slug(cfg.stream) / slug(cfg.strategy)
-    return (base / slug(tag) if tag else base) / f"seed{cfg.seed}.json"
 
 
 def save_model(model: Any, tokenizer: Any, dest: Path) -> Path:
     """``save_pretrained`` the model (a PEFT adapter merged first) and tokenizer into ``dest``, atomically."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        PeftModel = ()
+    from peft import PeftModel
     if isinstance(model, PeftModel):
         model = model.merge_and_unload()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir(dest, fill)
     return dest
+
+
+def _recorded(path: Path, cfg: RunConfig, save: bool, fp: dict[str, str]) -> bool:
+    """Whether ``path`` already holds this cell's complete record (and its saved model when ``save``); a record of
+    another fingerprint (fingerprint ``fp``) is a FingerprintMismatch naming the parts that differ."""
+    if not path.exists():
+        return False
+    old = read_record(path)
+    if old.fingerprint is None:
+        raise UserError(f"{path} was made before records had fingerprints (schema v{old.schema_version}): run "
+                        f"'clsuite migrate {path.parent}' if its data and scoring did not change since, or re-run it "
+                        "with --force")
+    parts = differing(old.fingerprint, fp, old.config)  # its config validated: new settings at their defaults
+    if old.seed != cfg.seed and "config" not in parts:  # the seed is no part of the fingerprint, but of the cell
+        parts = sorted([*parts, "config"], key=PARTS.index)
+    if parts:
+        raise FingerprintMismatch(f"{path} was made with other {describe(parts)}: re-run with --force, or remove "
+                                  "it (or use another --out)", parts)
+    return old.status == "complete" and (path.with_suffix(".model").exists() or not save)
+
+
+def _checkpoint(ckpt_dir: Path, cfg: RunConfig, stream: Stream, resume: bool, force: bool) -> Checkpoint | None:
+    """The checkpoint to resume from, if any; an interrupted run without --resume or --force is an error."""
+    if not has_checkpoint(ckpt_dir):
+        return None
+    if resume:
+        return load_checkpoint(ckpt_dir, cfg, stream)
+    if not force:
+        raise UserError(f"{ckpt_dir} holds an interrupted run of this cell: add --resume to continue it, "
+                        "or --force to start it over")
+    if dist.is_main():
+        remove_checkpoint(ckpt_dir)
+    return None
+
+
+def _cost(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:
+    steps = sum(e["steps"] for e in result["experiences"])  # per experience: fixed, or from epochs
+    return {"compute_multiplier": ctx.example_passes / (steps * ctx.config.train.batch_size),
+            "extra_memory_bytes": sum(p.extra_memory_bytes() for p in ctx.plugins),
+            # what the optimizer trained (largest over experiences): after lora(mode=merge) the model holds
+            # no adapter any more, so counting ctx.trainable_parameters() after the run would be wrong
+            "trainable_parameters": max(e["trainable_parameters"] for e in result["experiences"]),
+            "parameters": sum(p.numel() for p in ctx.model.parameters()),
+            **{k: v for p in ctx.plugins for k, v in p.cost_report().items()}}
 
 
 def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, force: bool = False,
             save: bool = False, tag: str = "", resume: bool = False) -> Path:
-    """Run one cell and write its record; an existing complete record for the same config is kept (resumable).
-    ``save``: also write the final model to ``seed<k>.model/`` beside the record (``clsuite landscape --checkpoint``).
-    After each experience but the last the run's state goes to ``seed<k>.ckpt/`` (``clsuite.checkpoint``), deleted
-    once the record is written; ``resume`` continues from it. Without ``resume`` an existing checkpoint is an error (``force``:
-    it is discarded).
-    Under torchrun every rank trains (``clsuite.distributed``); rank 0 alone evaluates and writes."""
+    """Run one cell and write its record; an existing complete record of the same cell is kept (resumable).
+    ``save``: also write the final model to ``seed<k>.model/``; ``resume``: continue from ``seed<k>.ckpt/``, the
+    state after the last finished experience (docs/resume.md). Under torchrun every rank trains, rank 0 evaluates
+    and writes."""
     dist.init_from_env()
     dist.check_batch(cfg.train.batch_size, cfg.train.grad_accum)  # before the first evaluation, not after it
     progress = progress and dist.is_main()
     path = record_path(out, cfg, tag)
-    model_dir = path.with_suffix(".model")
     ckpt_dir = path.with_suffix(".ckpt")
-    if path.exists() and not force:
-        old = read_record(path)
-        try:  # validated, so settings added to clsuite since that run compare at their defaults
-            same = RunConfig.model_validate(old.config) == cfg
-        except pydantic.ValidationError:
-            same = False
-        if not same:
-            raise UserError(f"{path} holds a run with other settings; use another --out or --force to replace it")
-        if old.status == "complete" and (model_dir.exists() or not save):
-            if progress:
-                print(f"skip {cfg.strategy} seed {cfg.seed}: already recorded in {path}")
-            if dist.is_main():  # left by a kill between writing the record and deleting the checkpoint
-                remove_checkpoint(ckpt_dir)
-            return path
-    ckpt = None
-    if has_checkpoint(ckpt_dir):
-        if resume:
-            ckpt = load_checkpoint(ckpt_dir, cfg, stream)
-        elif not force:
-            raise UserError(f"{ckpt_dir} holds an interrupted run of this cell: add --resume to continue it, "
-                            "or --force to start it over")
-        elif dist.is_main():
+    fp = cell_fingerprint(cfg, stream)
+    if not force and _recorded(path, cfg, save, fp):
+        if progress:
+            print(f"skip {cfg.strategy} seed {cfg.seed}: already recorded in {path}")
+        if dist.is_main():  # left by a kill between writing the record and deleting the checkpoint
             remove_checkpoint(ckpt_dir)
+        return path
+    ckpt = _checkpoint(ckpt_dir, cfg, stream, resume, force)
     set_seed(cfg.seed)
     plugins = build_strategy(cfg.strategy)
     t0 = time.perf_counter()
@@ -104,52 +105,45 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
         model, tok = load_model(cfg.model)
     model.to(dist.device())  # this rank's GPU under nccl, the CPU under gloo; one process: the GPU if any
     ctx = Context(model, tok, stream, cfg, plugins, random.Random(cfg.seed))
-    record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "status": "complete", "stream": cfg.stream, "strategy": cfg.strategy,
-        "seed": cfg.seed, "model": cfg.model, "config": cfg.model_dump(),
-        "tasks": [t.name for t in stream.tasks], "probes": [p.name for p in stream.probes],
-        "probe_categories": {p.name: p.category for p in stream.probes},
-        **({"tag": tag} if tag else {}),  # a sweep cell's hyper-parameters: its own leaderboard row
-    }
+    record = new_record(cfg, stream, tag)
     cache = None  # row 0 is shared by every strategy and seed: evaluated once per weights and eval settings
     if ckpt is None and dist.is_main():
         cache = cache_path(out, cfg.stream, initial_key(model, tok, stream, cfg.eval))
 
     def checkpoint(result: dict[str, Any]) -> None:  # not after the last experience: the record follows at once
-        if dist.is_main() and len(result["experiences"]) < len(stream.tasks):
-            save_checkpoint(ckpt_dir, ctx, result)
+        if len(result["experiences"]) < len(stream.tasks):  # rank 0 writes; a failure there reaches every rank
+            dist.on_main(lambda: save_checkpoint(ckpt_dir, ctx, result))
+
+    hooks = RunHooks(initial=load_initial(cache) if cache else None,
+                     on_row=lambda i, row: save_initial(cache, row) if cache and i == 0 else None,
+                     after_experience=checkpoint,
+                     restore=(lambda c: restore_checkpoint(c, ckpt)) if ckpt is not None else None)
+
+    def write(done: dict[str, Any]) -> None:  # rank 0's: the record, then the checkpoint goes (never neither)
+        write_json(path, {**done, "world_size": dist.world_size(), "provenance": provenance(),
+                          "wall_seconds": time.perf_counter() - t0})
+        remove_checkpoint(ckpt_dir)
+
+    def finish(result: dict[str, Any]) -> None:
+        done = fill_record(record, result, _cost(ctx, result))
+        if save:  # before the record, so a complete record never points at a missing model
+            done["model_dir"] = save_model(ctx.model, tok, path.with_suffix(".model")).name
+        write(done)
 
     try:
-        result = run_stream(ctx, progress, initial=load_initial(cache) if cache else None,
-                            on_row=lambda i, row: save_initial(cache, row) if cache and i == 0 else None,
-                            after_experience=checkpoint,
-                            restore=(lambda c: restore_checkpoint(c, ckpt)) if ckpt is not None else None)
-    except DivergenceError as e:
-        record.update(status="failed", error=str(e), R=[], P=[], metrics={}, provenance=provenance(),
-                      wall_seconds=time.perf_counter() - t0)
-        if dist.is_main():
-            atomic_write_json(path, record)
-            remove_checkpoint(ckpt_dir)
+        try:
+            result = run_stream(ctx, progress, hooks)
+        except DivergenceError as e:  # raised on every rank alike (distributed.agree); rank 0 records it
+            error = str(e)
+            dist.on_main(lambda: write(failed_record(record, error)))
+            raise
+        dist.on_main(lambda: finish(result))
+    except DiskFullError as e:  # the checkpoint and finished records stay: a restart continues
+        e.cell = cell_name(cfg, tag)
         raise
-    if not dist.is_main():
-        return path
-    rows = result["rows"]
-    R = [[r["tasks"][t]["score"] for t in record["tasks"]] for r in rows]
-    P = [[r["probes"][p]["score"] for p in record["probes"]] for r in rows]
-    scored = [p for p in record["probes"] if all("gold_loglik" in r["probes"][p] for r in rows)]
-    L = [[r["probes"][p]["gold_loglik"] for p in scored] for r in rows] if scored else None
-    steps = sum(e["steps"] for e in result["experiences"])  # per experience: fixed, or from epochs
-    record.update(
-        R=R, P=P, metrics=compute_metrics(R, P, L), details=rows, experiences=result["experiences"],
-        cost={"compute_multiplier": ctx.example_passes / (steps * cfg.train.batch_size),
-              "extra_memory_bytes": sum(p.extra_memory_bytes() for p in plugins),
-              # what the optimizer trained (largest over experiences): after lora(mode=merge) the model holds
-              # no adapter any more, so counting ctx.trainable_parameters() after the run would be wrong
-              "trainable_parameters": max(e["trainable_parameters"] for e in result["experiences"]),
-              "parameters": sum(p.numel() for p in ctx.model.parameters())},
-        provenance=provenance(), wall_seconds=time.perf_counter() - t0)
-    if save:  # before the record, so a complete record never points at a missing model
-        record["model_dir"] = save_model(ctx.model, tok, model_dir).name
-    atomic_write_json(path, record)
-    remove_checkpoint(ckpt_dir)  # after the record: a kill in between leaves a checkpoint, never neither
     return path
+
+
+def cell_name(cfg: RunConfig, tag: str = "") -> str:
+    """A cell as ``stream/strategy[/tag]/seed<k>``, the way its record path reads."""
+    return "/".join([cfg.stream, cfg.strategy, *([tag] if tag else []), f"seed{cfg.seed}"])

@@ -15,14 +15,27 @@ from .data import collate, encode_pair, forward_takes, keeps_logits, lm_loss
 from .registry import Registry
 
 
+ScorerFn = Callable[..., dict[str, float]]  # (model, tok, examples, chat, max_length, batch_size) -> {"score": ...}
+
+
 @dataclass(frozen=True)
 class Scorer:
-    fn: Callable[..., dict[str, float]]
+    """A scoring function and the direction of its ``score``; calling it calls the function."""
+    fn: ScorerFn
     higher_is_better: bool
-    description: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        return self.fn(*args, **kwargs)
 
 
-SCORERS: Registry[Scorer] = Registry("scorer")
+SCORERS: Registry[Scorer] = Registry("scorer", "clsuite.scorers", instance_of=Scorer)
+
+
+def register_scorer(name: str, higher_is_better: bool = True,
+                    aliases: tuple[str, ...] = ()) -> Callable[[ScorerFn], Scorer]:
+    """Decorator: ``@register_scorer("x")`` on ``fn(model, tok, examples, chat, max_length, batch_size)`` returning
+    ``{"score": float, ...}`` registers it and returns the ``Scorer`` (still callable as ``fn``)."""
+    return lambda fn: SCORERS.register(name, Scorer(fn, higher_is_better), aliases, origin=fn.__module__)
 
 
 def _batches(items: list, size: int):
@@ -49,6 +62,7 @@ def _pad_id(tok: Any) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
+@register_scorer("exact_match")
 @torch.no_grad()
 def exact_match(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int) -> dict[str, float]:
     """Greedy generation; an answer counts when it equals the target after stripping white space."""
@@ -107,6 +121,7 @@ def choice_logliks(model, tok, examples: list[dict], chat: bool, max_length: int
     return result
 
 
+@register_scorer("multiple_choice", aliases=("mc",))
 def multiple_choice(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int) -> dict[str, float]:
     """Accuracy of the highest-likelihood choice; also the mean log-likelihood of the gold answer."""
     ll = choice_logliks(model, tok, examples, chat, max_length, batch_size)
@@ -115,6 +130,7 @@ def multiple_choice(model, tok, examples: list[dict], chat: bool, max_length: in
     return {"score": acc, "gold_loglik": sum(s[g] for s, g in zip(ll, gold)) / len(examples)}
 
 
+@register_scorer("loglik")
 @torch.no_grad()
 def loglik(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int) -> dict[str, float]:
     """Mean per-token log-likelihood of the target (higher is better); perplexity beside it."""
@@ -123,12 +139,6 @@ def loglik(model, tok, examples: list[dict], chat: bool, max_length: int, batch_
         total += float(lm_loss(model, collate(tok, chunk, chat, max_length), reduction="none").sum())
     nll = total / len(examples)
     return {"score": -nll, "perplexity": float(torch.exp(torch.tensor(nll)))}
-
-
-SCORERS.register("exact_match", Scorer(exact_match, True, "greedy generation equals the target"))
-SCORERS.register("multiple_choice", Scorer(multiple_choice, True, "choice with the highest log-likelihood"),
-                 aliases=("mc",))
-SCORERS.register("loglik", Scorer(loglik, True, "mean token log-likelihood of the target"))
 
 
 def score(name: str, model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int) -> dict[str, float]:

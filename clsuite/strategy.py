@@ -1,18 +1,19 @@
 """Strategy plugins: the base class, its hooks, the registry, and composition of specs like ``sam+ewc``.
 
 Hooks use Avalanche's vocabulary. Every plugin has one *kind*; the engine calls hooks in the fixed
-order of ``KINDS`` (parametrization, weights, data, loss, update) so that, after an experience, an
+order of ``KINDS`` (parametrization, weights, data, loss, gradient, update) so that, after an experience, an
 adapter is merged before Wise-FT interpolates, and EWC anchors the weights that Wise-FT produced.
 """
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Mapping
 
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .registry import Registry
 from .spec import parse_spec
 
@@ -21,10 +22,33 @@ if TYPE_CHECKING:
 
     from .engine import Context
 
-Kind = Literal["base", "parametrization", "weights", "data", "loss", "update"]
-KINDS: tuple[Kind, ...] = ("base", "parametrization", "weights", "data", "loss", "update")
+Kind = Literal["base", "parametrization", "weights", "data", "loss", "gradient", "update"]
+KINDS: tuple[Kind, ...] = ("base", "parametrization", "weights", "data", "loss", "gradient", "update")
 SINGLE_KINDS = {"update": "two update rules cannot both own the optimizer step",
                 "parametrization": "two parametrizations cannot both wrap the model"}
+# How several plugins of one of the other kinds combine (within a kind the engine keeps their spec order).
+STACKING: dict[Kind, str] = {
+    "base": "add nothing: dropped beside other kinds; of several alone, the first is kept",
+    "weights": "each rewrites the weights the previous one left, in spec order",
+    "data": "each sees the data and examples the previous one returned, in spec order",
+    "loss": "their terms add",
+    "gradient": "each changes the gradient the previous one left, in spec order",
+}
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """This plugin cannot run beside strategy ``other`` when ``other``'s parameters equal ``when`` and its own
+    equal ``self_when`` (empty: always). Names and values are checked against the registry on first use."""
+
+    other: str
+    reason: str
+    when: Mapping[str, Any] = field(default_factory=dict)
+    self_when: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self, name: str) -> str:
+        """The refused pair, e.g. ``wiseft(anchor=previous) + lora(mode=continue)`` for the plugin ``name``."""
+        return f"{name}{_show(self.self_when)} + {self.other}{_show(self.when)}"
 
 
 class Params(BaseModel):
@@ -39,8 +63,8 @@ class Strategy:
     kind: ClassVar[Kind] = "base"
     description: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
-    # Names of strategies this one cannot be combined with, mapped to the reason.
-    incompatible: ClassVar[dict[str, str]] = {}
+    # Combinations this plugin refuses; checked against the registry (names, parameters, values) on first use.
+    conflicts: ClassVar[tuple[Conflict, ...]] = ()
 
     def __init__(self, params: Params | None = None):
         self.params = params if params is not None else self.Params()
@@ -64,6 +88,10 @@ class Strategy:
         """Return a term to add to the objective, or None. Called at every pass, SAM's second included."""
         return None
 
+    def before_update(self, ctx: Context) -> None:
+        """Change the gradient in ``.grad`` (in place) just before the base optimizer steps: ``ctx.base_step()``
+        calls it after every pass the update rule needs (with SAM: the gradient at w + e), before clipping."""
+
     def optimizer_step(self, ctx: Context, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Update rules only: compute gradients via ``closure`` (the full objective), then ``ctx.base_step()``."""
         raise NotImplementedError
@@ -79,6 +107,10 @@ class Strategy:
         """Bytes this plugin holds beyond the model and optimizer (Fisher, anchors, buffers)."""
         return 0
 
+    def cost_report(self) -> dict[str, float]:
+        """Cost figures beyond passes and memory for the record's ``cost`` (e.g. the share of SAM steps)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Its state between experiences, for checkpoints: tensors and JSON values (tuples come back as lists)."""
         return {}
@@ -87,10 +119,16 @@ class Strategy:
         """Restore a ``state_dict()``; on resume it runs after ``before_training``, whose effects it must override."""
 
     def conflict(self, others: list["Strategy"]) -> str | None:
-        """Why this plugin cannot run beside ``others`` (checked at parse time), or None."""
-        for o in others:
-            if o.name in self.incompatible:
-                return f"{self.name} cannot be combined with {o.name}: {self.incompatible[o.name]}"
+        """Why this plugin cannot run beside ``others`` (checked at parse time), or None. Declare ``conflicts``;
+        override this only for a condition they cannot state, and call ``super().conflict``."""
+        for c in self.conflicts:
+            if not _params_match(self.params, c.self_when):
+                continue
+            other = STRATEGIES.get(c.other).name
+            for o in others:
+                if o.name == other and _params_match(o.params, c.when):
+                    return (f"{self.name}{_show(c.self_when)} cannot be combined with {other}{_show(c.when)}: "
+                            f"{c.reason}")
         return None
 
     def __repr__(self) -> str:
@@ -99,19 +137,69 @@ class Strategy:
 
 
 class _StrategyRegistry(Registry):
-    """Every entry gets a name and a checked kind, also a bare class that only an entry point names."""
+    """Every entry gets a name and a checked kind, also a bare class that only an entry point names; ``conflicts``
+    are checked once all built-ins and entry points are in, and for a later registration at once."""
 
-
-    def register(self, name: str, obj: type[Strategy], aliases: tuple[str, ...] = ()) -> type[Strategy]:
+    def register(self, name: str, obj: type[Strategy], aliases: tuple[str, ...] = (),
+                 origin: str | None = None) -> type[Strategy]:
         if isinstance(obj, type) and issubclass(obj, Strategy):
             if obj.kind not in KINDS:
                 raise TypeError(f"strategy {name!r} has kind {obj.kind!r}; use one of {KINDS}")
             if not vars(obj).get("name"):  # not set by @register or by the class itself
                 obj.name = name
-        return super().register(name, obj, aliases)
+            if self._state == "loaded":
+                check_conflicts(obj)
+        return super().register(name, obj, aliases, origin)
+
+    def _loaded(self) -> None:
+        for _, cls in self.items():
+            check_conflicts(cls)
 
 
-STRATEGIES: Registry[type[Strategy]] = _StrategyRegistry("strategy", "clsuite.strategies", base=Strategy)
+STRATEGIES: Registry[type[Strategy]] = _StrategyRegistry("strategy", "clsuite.strategies", base=Strategy,
+                                                         builtins="clsuite.strategies")
+
+
+def check_conflicts(cls: type[Strategy]) -> None:
+    """Raise UserError unless every ``Conflict`` of ``cls`` names a registered strategy and, on both sides,
+    parameters of its Params with values they accept: a renamed parameter cannot switch a check off silently."""
+    for c in cls.conflicts:
+        where = f"strategy {cls.name!r} ({cls.__module__}) declares a conflict with {c.other!r}"
+        if c.other not in STRATEGIES:
+            known = STRATEGIES.names()
+            raise UserError(f"{where}, which is not a registered strategy: {did_you_mean(c.other, known)}"
+                            f"known: {', '.join(known)}; fix its conflicts")
+        for side, when in ((STRATEGIES.get(c.other), c.when), (cls, c.self_when)):
+            for key, value in when.items():
+                problem = _param_problem(side.Params, key, value)
+                if problem:
+                    raise UserError(f"{where}: {side.name}'s {problem}; fix its conflicts")
+
+
+def _param_problem(params: type[Params], key: str, value: Any) -> str | None:
+    """Why ``key=value`` is not a parameter setting of ``params``, or None."""
+    fields = params.model_fields
+    name = key if key in fields else next((k for k, f in fields.items() if f.alias == key), None)
+    if name is None:
+        known = sorted({*fields, *(f.alias for f in fields.values() if f.alias)})
+        return f"parameters have no {key!r}: {did_you_mean(key, known)}known: {', '.join(known) or 'none'}"
+    f = fields[name]
+    kind = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation  # the type with its constraints
+    try:
+        pydantic.TypeAdapter(kind).validate_python(value)
+    except pydantic.ValidationError as e:
+        return f"parameter {key!r} does not accept {value!r}: {e.errors()[0]['msg']}"
+    return None
+
+
+def _params_match(params: Params, when: Mapping[str, Any]) -> bool:
+    fields = type(params).model_fields
+    names = {f.alias: k for k, f in fields.items() if f.alias}
+    return all(getattr(params, names.get(k, k)) == v for k, v in when.items())
+
+
+def _show(when: Mapping[str, Any]) -> str:
+    return f"({', '.join(f'{k}={_value(v)}' for k, v in when.items())})" if when else ""
 
 
 def register(name: str, aliases: tuple[str, ...] = ()) -> Callable[[type[Strategy]], type[Strategy]]:
@@ -125,7 +213,7 @@ def register(name: str, aliases: tuple[str, ...] = ()) -> Callable[[type[Strateg
 
 
 def _load_builtins() -> None:
-    from . import strategies  # noqa: F401  (registers the built-ins)
+    STRATEGIES.names()  # imports the built-ins and the entry points
 
 
 def build_strategy(spec: str) -> list[Strategy]:

@@ -1,19 +1,21 @@
 """Task streams: ordered tasks plus never-trained probes, declared in YAML and loaded through ``datasets``."""
 from __future__ import annotations
 
-import string
+import inspect
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+import pydantic
 import yaml
 from datasets import Dataset, DatasetDict, load_dataset
 
-from .errors import UserError
+from .errors import UserError, did_you_mean, pydantic_message
 from .registry import Registry
+from .stream_schema import DataSpec, LmEvalProbeSpec, SourceSpec, StreamSpec, TaskSpec
 
-DATA_BUILDERS: Registry[Callable[..., Any]] = Registry("data builder")
+DATA_BUILDERS: Registry[Callable[..., Any]] = Registry("data builder", "clsuite.builders", builtins="clsuite.benchmarks")
 
 
 def data_builder(name: str) -> Callable:
@@ -83,15 +85,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [""])[0]
 
 
-def _need(ok: bool, where: str, what: str, got: Any) -> None:
-    """Raise a UserError saying what ``where`` must be when a value from the YAML has the wrong type."""
-    if not ok:
-        raise UserError(f"{where}: {what}, got {type(got).__name__} {got!r:.60}")
-
-
 def builtin_stream_files() -> dict[str, Path]:
-    """Stream name -> YAML file shipped in ``clsuite.benchmarks`` (files starting with ``_`` are fragments)."""
-    root = resources.files("clsuite.benchmarks")
+    """Stream name -> YAML file shipped in ``clsuite.benchmarks/streams`` (files starting with ``_`` are fragments)."""
+    root = resources.files("clsuite.benchmarks") / "streams"
     out = {}
     for f in sorted(root.iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml") and not f.name.startswith("_"):
@@ -105,36 +101,27 @@ def resolve_stream_file(name_or_path: str) -> Path:
         return p.resolve()
     files = builtin_stream_files()
     if name_or_path not in files:
-        import difflib
-        close = difflib.get_close_matches(name_or_path, list(files), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise UserError(f"unknown stream {name_or_path!r}: {hint}known: {', '.join(files)}; or give a .yaml path")
+        raise UserError(f"unknown stream {name_or_path!r}: {did_you_mean(name_or_path, files)}known: "
+                        f"{', '.join(files)}; or give a .yaml path")
     return files[name_or_path]
 
 
-def _check_template(tmpl: str, where: str) -> str:
-    _need(isinstance(tmpl, str), where, "prompt:/target: templates are strings such as '{question}'", tmpl)
+def _validated(cls: type[pydantic.BaseModel], data: Any, where: str, what: str) -> Any:
+    """``cls.model_validate(data)``, or a one-line UserError naming ``where`` and each bad key (with a suggestion)."""
     try:
-        fields = list(string.Formatter().parse(tmpl))
-    except ValueError as e:  # a lone brace
-        raise UserError(f"{where}: template {tmpl!r:.80} is malformed ({e}); write {{{{ for a literal brace") from None
-    for _, fld, spec, conv in fields:
-        if fld is not None and (not fld.isidentifier() or spec or conv):
-            raise UserError(f"{where}: template {tmpl!r:.80}: field {fld!r} must be a plain column name "
-                            "(no attribute, index, conversion or format spec)")
-    return tmpl
+        return cls.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise UserError(f"{where}: {pydantic_message(e, cls, default=what)}") from None
 
 
-def _format_rows(ds: Dataset, spec: dict, where: str) -> Dataset:
+def _format_rows(ds: Dataset, spec: DataSpec, where: str) -> Dataset:
     """Apply ``prompt:``/``target:`` templates and ``choices:``/``answer:`` column names to raw rows."""
-    if "prompt" not in spec and "prompt" in ds.column_names:
+    if spec.prompt is None and "prompt" in ds.column_names:
         return ds
-    if "prompt" not in spec or ("target" not in spec and "choices" not in spec):
+    if spec.prompt is None or (spec.target is None and spec.choices is None):
         raise UserError(f"{where}: rows lack prompt/target columns; add 'prompt:' and 'target:' templates "
                         "(e.g. prompt: '{question}', target: '{answer}')")
-    pt = _check_template(spec["prompt"], where)
-    tt = _check_template(spec["target"], where) if "target" in spec else None
-    ch, ans = spec.get("choices"), spec.get("answer")
+    pt, tt, ch, ans = spec.prompt, spec.target, spec.choices, spec.answer
 
     def fmt(row: dict) -> dict:
         try:
@@ -156,21 +143,33 @@ def _format_rows(ds: Dataset, spec: dict, where: str) -> Dataset:
     return ds.map(fmt, remove_columns=ds.column_names)
 
 
-def _load_source(src: dict, seed: int, where: str) -> dict[str, Dataset]:
-    _need(isinstance(src, dict), where, "'source:' must be a mapping ({builder: NAME, ...} or load_dataset "
-          "arguments)", src)
-    src = dict(src)
-    if "builder" in src:
-        name = src.pop("builder")
-        _need(isinstance(name, str), where, "'builder:' must name a data builder", name)
-        fn = DATA_BUILDERS.get(name)
-        try:
-            out = fn(seed=seed, **src)
-        except (TypeError, ValueError, KeyError) as e:  # arguments the builder does not take or accept
-            raise UserError(f"{where}: data builder {name!r} rejects the arguments {src!r:.100} "
-                            f"({type(e).__name__}: {_first_line(e)})") from None
-        return out if isinstance(out, dict) else {"train": out}
-    return load_hf(src, where)
+def _check_arguments(fn: Callable, name: str, args: dict[str, Any], where: str) -> None:
+    """``args`` fit the builder's signature (``seed`` aside): an unknown or a missing argument is a UserError."""
+    signature = inspect.signature(fn).parameters
+    params = {k: p for k, p in signature.items() if k != "seed" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes = f"it takes: {', '.join(params) or 'no arguments'}"
+    if not any(p.kind == p.VAR_KEYWORD for p in signature.values()):
+        for key in args:
+            if key not in params:
+                note = "the seed is the stream's data_seed:; " if key == "seed" else did_you_mean(key, params)
+                raise UserError(f"{where}: source.{key}: unknown argument of data builder {name!r}; {note}{takes}")
+    missing = [k for k, p in params.items() if p.default is p.empty and k not in args]
+    if missing:
+        raise UserError(f"{where}: source: data builder {name!r} needs {', '.join(f'{k}:' for k in missing)}; {takes}")
+
+
+def _load_source(src: SourceSpec, seed: int, where: str) -> dict[str, Dataset]:
+    args = src.arguments()
+    if src.builder is None:
+        return load_hf(args, where)
+    fn = DATA_BUILDERS.get(src.builder)
+    _check_arguments(fn, src.builder, args, where)
+    try:
+        out = fn(seed=seed, **args)
+    except (TypeError, ValueError, KeyError) as e:  # argument values the builder does not accept
+        raise UserError(f"{where}: data builder {src.builder!r} rejects the arguments {args!r:.100} "
+                        f"({type(e).__name__}: {_first_line(e)})") from None
+    return out if isinstance(out, dict) else {"train": out}
 
 
 def load_hf(args: dict, where: str) -> dict[str, Dataset]:
@@ -182,87 +181,75 @@ def load_hf(args: dict, where: str) -> dict[str, Dataset]:
     return dict(ds) if isinstance(ds, DatasetDict) else {"train": ds}
 
 
-def _build_task(spec: dict, seed: int, probe: bool, where: str, chat: bool = False) -> Task:
-    _need(isinstance(spec, dict), where, "a task is a mapping with name, source and scorer", spec)
-    if "lm_eval" in spec:
-        return _lm_eval_task(spec, probe, where)
-    for key in ("name", "source", "scorer"):
-        if key not in spec:
-            raise UserError(f"{where}: missing '{key}:' (a task needs name, source and scorer)")
-    for key in ("name", "scorer", "category", "train_split", "eval_split"):
-        _need(isinstance(spec.get(key, ""), str), where, f"'{key}:' must be a string", spec.get(key))
-    from .scoring import SCORERS
-    SCORERS.get(spec["scorer"])
-    splits = _load_source(spec["source"], seed, where)
-    train_split, eval_split = spec.get("train_split", "train"), spec.get("eval_split", "eval")
+def _splits(spec: DataSpec, seed: int, probe: bool, where: str) -> tuple[Dataset | None, Dataset]:
+    """(train rows or None for a probe, eval rows), formatted; eval is held out of train when the source has none."""
+    splits = _load_source(spec.source, seed, where)
+    train_split, eval_split = spec.train_split, spec.eval_split
     if eval_split not in splits:
         if train_split not in splits:
             raise UserError(f"{where}: no split {eval_split!r} or {train_split!r} in {list(splits)}; "
                             "name them with train_split:/eval_split:")
-        size = spec.get("eval_size", 0.2)
         try:
-            parts = splits[train_split].train_test_split(test_size=size, seed=seed)
+            parts = splits[train_split].train_test_split(test_size=spec.eval_size, seed=seed)
         except (TypeError, ValueError) as e:
-            raise UserError(f"{where}: cannot hold out eval_size: {size!r:.40} ({_first_line(e)}); give a "
-                            "fraction in (0, 1) or a number of rows") from None
+            raise UserError(f"{where}: cannot hold out eval_size: {spec.eval_size!r:.40} ({_first_line(e)}); give "
+                            "a fraction in (0, 1) or a number of rows") from None
         splits = {train_split: parts["train"], eval_split: parts["test"]}
     ev = _format_rows(splits[eval_split], spec, where)
-    if spec.get("max_eval"):
-        _need(isinstance(spec["max_eval"], int), where, "'max_eval:' must be an integer", spec["max_eval"])
-        ev = ev.select(range(min(len(ev), int(spec["max_eval"]))))
     if not probe and train_split not in splits:
         raise UserError(f"{where}: no split {train_split!r} to train on in {list(splits)}; name it with "
                         "train_split:, or list this source under probes:")
-    tr = None if probe else _format_rows(splits[train_split], spec, where)
-    return Task(spec["name"], tr, ev, spec["scorer"], spec.get("category", ""),
-                bool(spec.get("chat_template", chat)))
+    return (None if probe else _format_rows(splits[train_split], spec, where)), ev
 
 
-def _lm_eval_task(spec: dict, probe: bool, where: str) -> Task:
+def _entry_where(where: str, entry: Any) -> str:
+    """``where`` with the entry's name when it has one: ``stream s.yaml, task 2 (sorting)``."""
+    name = entry.get("name") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not name:
+        return where
+    return f"{where} ({name:.40})" if name.isprintable() else f"{where} ({name!r:.40})"
+
+
+def _build_task(entry: Any, seed: int, probe: bool, where: str, chat: bool = False) -> Task:
+    where = _entry_where(where, entry)
+    if isinstance(entry, dict) and "lm_eval" in entry:
+        if not probe:
+            raise UserError(f"{where}: 'lm_eval:' is for probes (scored, never trained on); move the entry under "
+                            "probes:")
+        return _lm_eval_task(_validated(LmEvalProbeSpec, entry, where, "probe"), entry, where)
+    spec: TaskSpec = _validated(TaskSpec, entry, where, "probe" if probe else "task")
+    from .scoring import SCORERS
+    SCORERS.get(spec.scorer)
+    tr, ev = _splits(spec, seed, probe, where)
+    if spec.max_eval is not None:
+        ev = ev.select(range(min(len(ev), spec.max_eval)))
+    return Task(spec.name, tr, ev, spec.scorer, spec.category,
+                chat if spec.chat_template is None else spec.chat_template)
+
+
+def _lm_eval_task(spec: LmEvalProbeSpec, entry: dict, where: str) -> Task:
     """A probe scored by lm-evaluation-harness: ``{name, category, lm_eval: {task, num_fewshot, ...}}``."""
-    if not probe:
-        raise UserError(f"{where}: 'lm_eval:' is for probes (scored, never trained on); move the entry under probes:")
-    for key in ("name", "category"):
-        _need(isinstance(spec.get(key, ""), str), where, f"'{key}:' must be a string", spec.get(key))
-    if not spec.get("name"):
-        raise UserError(f"{where}: missing 'name:' (an lm_eval probe needs name and lm_eval)")
     from .lm_eval_probe import load_probe
     empty = Dataset.from_dict({"prompt": [], "target": []})
-    return Task(spec["name"], None, empty, "lm_eval", spec.get("category", ""),
-                lm_eval=load_probe(spec, f"{where} ({spec['name']})"))
+    return Task(spec.name, None, empty, "lm_eval", spec.category, lm_eval=load_probe(entry, where))
 
 
 def load_stream(name_or_path: str) -> Stream:
     """Load a stream by built-in name or YAML path; data splits are fixed by the stream's ``data_seed``."""
-    from . import benchmarks  # noqa: F401  (registers built-in data builders and models)
     path = resolve_stream_file(name_or_path)
     doc = _read_yaml(path)
-    name = doc.get("name") or path.stem
-    _need(isinstance(name, str) and name.splitlines() == [name], f"stream file {path}",
-          "'name:' must be a one-line string", name)
-    seed = doc.get("data_seed", 0)
-    _need(isinstance(seed, int), f"stream {name}", "'data_seed:' must be an integer", seed)
-    for key, kind in (("tasks", list), ("probes", list), ("train", dict), ("eval", dict), ("general_data", dict)):
-        _need(isinstance(doc.get(key) or kind(), kind), f"stream {name}",
-              f"'{key}:' must be a {'list' if kind is list else 'mapping'}", doc.get(key))
-    chat = bool(doc.get("chat_template", False))
-    tasks = [_build_task(t, seed, False, f"stream {name}, task {i + 1}", chat)
-             for i, t in enumerate(doc.get("tasks") or [])]
+    where = f"stream {path.name}"
+    spec: StreamSpec = _validated(StreamSpec, doc, where, "stream file")
+    name, seed, chat = spec.name or path.stem, spec.data_seed, spec.chat_template
+    tasks = [_build_task(t, seed, False, f"{where}, task {i + 1}", chat) for i, t in enumerate(spec.tasks or [])]
     if not tasks:
         raise UserError(f"stream {name} ({path}) has no tasks: add a 'tasks:' list")
-    probes = [_build_task(t, seed, True, f"stream {name}, probe {i + 1}", chat)
-              for i, t in enumerate(doc.get("probes") or [])]
+    probes = [_build_task(t, seed, True, f"{where}, probe {i + 1}", chat) for i, t in enumerate(spec.probes or [])]
     names = [t.name for t in tasks + probes]
     if len(set(names)) != len(names):
-        raise UserError(f"stream {name}: task and probe names must be unique, got {names}")
-    if "model" not in doc:
-        raise UserError(f"stream {name} ({path}) has no 'model:'; name a model id, path or registered model")
-    _need(isinstance(doc["model"], str) and doc["model"], f"stream {name}",
-          "'model:' must name a model id, path or registered model", doc["model"])
+        raise UserError(f"{where}: task and probe names must be unique, got {names}")
     general = None
-    if doc.get("general_data"):
-        g = doc["general_data"]
-        general = _build_task({"name": "general", "scorer": "loglik", **g}, seed, False,
-                              f"stream {name}, general_data", chat).train
-    return Stream(name, tasks, probes, str(doc["model"]), chat,
-                  doc.get("train") or {}, doc.get("eval") or {}, doc.get("description", ""), str(path), general)
+    if spec.general_data is not None:
+        general, _ = _splits(spec.general_data, seed, False, f"{where}, general_data")
+    return Stream(name, tasks, probes, spec.model, chat, doc.get("train") or {}, doc.get("eval") or {},
+                  spec.description, str(path), general)

@@ -1,17 +1,18 @@
 """Sweeps: expand a grid YAML (streams x strategies x hyper-parameters x seeds) into cells and run them.
 
 Each cell is one ``run_one`` call writing one record atomically; a cell already recorded with the same
-configuration is skipped, so a restarted sweep resumes. Backends: ``local`` (in-process, or a spawn process
-pool) and ``ray`` (one task per cell on a local or existing cluster).
+fingerprint is skipped, so a restarted sweep resumes, and one recorded with another (stale) runs again.
+Backends: ``local`` (in-process, or a spawn process pool) and ``ray`` (one task per cell on a local or existing cluster).
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import itertools
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import socket
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait as wait_any
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, cast
@@ -20,8 +21,11 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from .config import EvalConfig, RunConfig, TrainConfig, _loc
-from .errors import DivergenceError, UserError
+from .atomic import DiskFullError, FileLock, probe_writable, remove_stale_temporaries
+from .config import EvalConfig, RunConfig, TrainConfig, resolve_config
+from .errors import DivergenceError, UserError, did_you_mean, error_location
+from .fingerprint import FingerprintMismatch
+from .records import record_path
 
 EXAMPLE = "see examples/sweep-tiny.yaml"
 RAY_INSTALL = "pip install 'clsuite[ray]'"
@@ -53,22 +57,24 @@ class Cell:
 
     @property
     def path(self) -> Path:
-        from .runner import record_path
         return record_path(Path(self.out), self.config, self.tag)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one cell: ran, skipped (already recorded) or failed (with the error)."""
+    """What happened to one cell: ran, skipped (already recorded), failed (with the error), not run (the sweep
+    stopped first) or busy (another process holds its lock; the backends wait for it later)."""
     label: str
-    status: Literal["ran", "skipped", "failed"]
+    status: Literal["ran", "skipped", "failed", "not run", "busy"]
     path: str
     error: str = ""
+    stale: tuple[str, ...] = ()  # the fingerprint parts in which the record (or checkpoint) it replaced differed
+    stop: bool = False  # the sweep stops: every other cell would fail the same way (a full disk)
 
 
 def _problem(err: dict) -> str:
     """One pydantic error of the grid, phrased with its fix."""
-    loc, where = err["loc"], _loc(err["loc"])
+    loc, where = err["loc"], error_location(err["loc"])
     if err["type"] == "extra_forbidden" and len(loc) == 1:
         return f"unknown key {where!r}: the keys are streams, strategies, seeds, model, set, eval"
     if err["type"] == "missing":
@@ -83,9 +89,7 @@ def _check_keys(keys: list[str], cls: type[BaseModel], where: str) -> None:
     known = list(cls.model_fields)
     for k in keys:
         if k not in known:
-            close = difflib.get_close_matches(k, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise UserError(f"{where}: unknown setting {k!r}: {hint}known: {', '.join(known)}")
+            raise UserError(f"{where}: unknown setting {k!r}: {did_you_mean(k, known)}known: {', '.join(known)}")
 
 
 def load_grid(path: Path) -> Grid:
@@ -124,7 +128,6 @@ def run_tag(train: TrainConfig, keys: list[str]) -> str:
 
 def expand(grid: Grid, grid_path: Path, out: Path) -> list[Cell]:
     """Every cell of the grid, validated; stream .yaml paths are relative to the grid file."""
-    from .runner import resolve_config
     _stream.cache_clear()  # streams are read once per sweep, from the files as they are now
     keys = list(grid.set_)
     combos = [dict(zip(keys, values)) for values in itertools.product(*grid.set_.values())]
@@ -147,19 +150,63 @@ def expand(grid: Grid, grid_path: Path, out: Path) -> list[Cell]:
     return cells
 
 
-def run_cell(cell: Cell, force: bool = False) -> Outcome:
+def run_cell(cell: Cell, force: bool = False, wait: bool = True) -> Outcome:
+    """Run one cell holding its lock (``.seed<k>.json.lock``, so two sweeps never run it at once), after deleting
+    the temporary files killed writers left; ``busy``, unrun, if another process holds it and not ``wait``."""
+    from .evalcache import cache_path
+    from .runner import cell_name
+    path = cell.path
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        lock = FileLock.acquire(lock_path, wait, note=f"{socket.gethostname()} {os.getpid()}\n")
+    except DiskFullError as e:
+        e.cell = cell_name(cell.config, cell.tag)
+        return Outcome(cell.label, "failed", str(path), str(e), stop=True)
+    except OSError as e:
+        return Outcome(cell.label, "failed", str(path), f"cannot create the lock file {lock_path} "
+                       f"({e.strerror or e}): make {lock_path.parent} writable")
+    if lock is None:
+        return Outcome(cell.label, "busy", str(path))
+    with lock:  # this cell's files are written by the lock holder alone; row 0's cache is shared by cells
+        remove_stale_temporaries(path.parent, (f".{path.name}.", f".{path.with_suffix('.model').name}."))
+        remove_stale_temporaries(path.with_suffix(".ckpt"))
+        remove_stale_temporaries(cache_path(Path(cell.out), cell.config.stream, "").parent)
+        return _run_cell(cell, force)
+
+
+def _run_cell(cell: Cell, force: bool = False) -> Outcome:
     """Run one cell (no progress bars), continuing an interrupted one from its checkpoint unless ``force``
     (start over, replacing any record); a DivergenceError or UserError becomes a failed outcome."""
     from .runner import run_one
     path = cell.path
     before = _stamp(path)
+    stale: tuple[str, ...] = ()
     try:
-        run_one(_stream(cell.stream), cell.config, Path(cell.out), progress=False, force=force, tag=cell.tag,
-                resume=not force)
+        try:
+            run_one(_stream(cell.stream), cell.config, Path(cell.out), progress=False, force=force, tag=cell.tag,
+                    resume=not force)
+        except FingerprintMismatch as e:  # a record of another cell: run this one over it (replaced atomically)
+            stale = tuple(e.parts)
+            run_one(_stream(cell.stream), cell.config, Path(cell.out), progress=False, force=True, tag=cell.tag)
+    except DiskFullError as e:  # run_one named the cell
+        return Outcome(cell.label, "failed", str(path), str(e), stale, stop=True)
     except (DivergenceError, UserError) as e:
-        return Outcome(cell.label, "failed", str(path), str(e))
+        return Outcome(cell.label, "failed", str(path), str(e), stale)
     status = "skipped" if before is not None and _stamp(path) == before else "ran"
-    return Outcome(cell.label, status, str(path))
+    return Outcome(cell.label, status, str(path), stale=stale)
+
+
+def stale_summary(outcomes: list[Outcome]) -> str:
+    """``re-ran 2 stale cells: eval_data changed`` for the cells whose record was made for another cell; "" if none."""
+    stale = [o for o in outcomes if o.stale]
+    if not stale:
+        return ""
+    why: dict[str, int] = {}
+    for o in stale:
+        key = " and ".join(o.stale)
+        why[key] = why.get(key, 0) + 1
+    reasons = ", ".join(f"{k} changed" + (f" ({n})" if len(why) > 1 else "") for k, n in why.items())
+    return f"re-ran {len(stale)} stale cell{'s' * (len(stale) > 1)}: {reasons}"
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -179,10 +226,31 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _ray_cell(cell: Cell, force: bool, threads: int) -> Outcome:
+def _ray_cell(cell: Cell, force: bool, threads: int, wait: bool) -> Outcome:
     """A cell as a Ray task (module-level so workers import it rather than unpickle it)."""
     _init_worker(threads)
-    return run_cell(cell, force)
+    return run_cell(cell, force, wait)
+
+
+def _not_run(cell: Cell) -> Outcome:
+    return Outcome(cell.label, "not run", str(cell.path), "the sweep stopped at the full disk reported above")
+
+
+def _worker_died(cell: Cell, what: str) -> Outcome:
+    return Outcome(cell.label, "failed", str(cell.path), f"{what} running it died; re-run the sweep to resume the "
+                   "cell from its last checkpoint")
+
+
+def check_writable(out: Path) -> None:
+    """A UserError unless a file can be created, written and deleted in ``out`` (made if missing): a read-only or
+    full ``--out`` is refused before any training, not after the first run."""
+    try:
+        probe_writable(out)
+    except DiskFullError:
+        raise UserError(f"--out {out}: the disk is full: free space and re-run; nothing was run") from None
+    except OSError as e:
+        raise UserError(f"--out {out} is not writable ({e.strerror or e}): make it writable or choose another "
+                        "--out; nothing was run") from None
 
 
 def import_ray() -> Any:
@@ -225,8 +293,10 @@ def run_cells(cells: list[Cell], backend: str = "local", workers: int | None = N
     check_options(backend, workers, address, cpus_per_run, gpus_per_run)
     if not cells:
         return []
+    for out in sorted({c.out for c in cells}):
+        check_writable(Path(out))
     outcomes: list[Outcome | None] = [None] * len(cells)
-    counts = {"ran": 0, "skipped": 0, "failed": 0}
+    counts = {"ran": 0, "skipped": 0, "failed": 0, "not run": 0}
     with tqdm(total=len(cells), desc="sweep", unit="run", disable=not progress) as bar:
         def done(i: int, o: Outcome) -> None:
             outcomes[i] = o
@@ -248,8 +318,18 @@ def _run_in_process(cells: list[Cell], force: bool, done: Callable[[int, Outcome
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
+        stop, later = False, []
         for i, c in enumerate(cells):
-            done(i, run_cell(c, force))
+            o = _not_run(c) if stop else run_cell(c, force, wait=False)
+            if o.status == "busy":  # another sweep runs it: come back to it at the end
+                later.append(i)
+                continue
+            done(i, o)
+            stop = stop or o.stop
+        for i in later:  # wait for the other sweep, then skip the cell (or run it, had the other failed)
+            o = _not_run(cells[i]) if stop else run_cell(cells[i], force)
+            done(i, o)
+            stop = stop or o.stop
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -262,9 +342,25 @@ def _run_pool(cells: list[Cell], force: bool, workers: int, done: Callable[[int,
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(threads,))
     try:
-        futures = {pool.submit(run_cell, c, force): i for i, c in enumerate(cells)}
-        for f in as_completed(futures):
-            done(futures[f], f.result())
+        futures: dict[Future, int] = {pool.submit(run_cell, c, force, False): i for i, c in enumerate(cells)}
+        stop = False
+        while futures:
+            finished, _ = wait_any(futures, return_when=FIRST_COMPLETED)
+            for f in finished:
+                i = futures.pop(f)
+                try:
+                    o = f.result()
+                except BrokenProcessPool:
+                    o = _worker_died(cells[i], "a worker process of the pool")
+                if o.status == "busy" and not stop:  # held by another sweep: wait for it after the others
+                    futures[pool.submit(run_cell, cells[i], force, True)] = i
+                    continue
+                done(i, _not_run(cells[i]) if o.status == "busy" else o)
+                if o.stop and not stop:
+                    stop = True
+                    for g in [g for g in futures if g.cancel()]:
+                        j = futures.pop(g)
+                        done(j, _not_run(cells[j]))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -283,13 +379,30 @@ def _run_ray(cells: list[Cell], force: bool, workers: int | None, address: str |
     except ConnectionError as e:
         raise UserError(f"cannot reach a Ray cluster at {address!r} ({(str(e).splitlines() or [''])[0]}); start "
                         "one with 'ray start --head' or drop --address to start a local one") from None
+    # max_retries=0: a cell whose worker dies (killed, out of memory, node lost) is reported, not retried; a
+    # re-run of the sweep resumes it from its checkpoint (docs/faults.md)
     try:
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_ray_cell)
-        refs = {task.remote(c, force, cpus): i for i, c in enumerate(cells)}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_ray_cell)
+        refs = {task.remote(c, force, cpus, False): i for i, c in enumerate(cells)}
+        stop = False
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
             for r in ready:
-                done(refs[r], ray.get(r))
+                i = refs.pop(r)
+                try:
+                    o = ray.get(r)
+                except ray.exceptions.TaskCancelledError:
+                    o = _not_run(cells[i])
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                        ray.exceptions.OutOfMemoryError, ray.exceptions.LocalRayletDiedError) as e:
+                    o = _worker_died(cells[i], f"the Ray worker ({type(e).__name__})")
+                if o.status == "busy" and not stop:  # held by another sweep: wait for it after the others
+                    refs[task.remote(cells[i], force, cpus, True)] = i
+                    continue
+                done(i, _not_run(cells[i]) if o.status == "busy" else o)
+                if o.stop and not stop:
+                    stop = True
+                    for p in refs:
+                        ray.cancel(p)
     finally:
         ray.shutdown()

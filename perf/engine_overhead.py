@@ -15,7 +15,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from clsuite.benchmarks.tiny_synthetic import make_tokenizer, tiny_task
+from clsuite.benchmarks.builders.tiny_synthetic import tiny_task
+from clsuite.benchmarks.models.tiny_synthetic import make_tokenizer
 from clsuite.config import RunConfig, TrainConfig
 from clsuite.data import collate, lm_loss
 from clsuite.engine import Context, train_experience

@@ -16,7 +16,8 @@ import time
 
 from clsuite import flatness as fl
 from clsuite.errors import UserError
-from clsuite.landscape import TRACE_SAMPLES, _find_task, fixed_batch_loss
+from clsuite.reports.landscape import find_task, fixed_batch_loss
+from clsuite.sharpness import TRACE_SAMPLES
 from clsuite.streams import load_stream
 
 
@@ -30,8 +31,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     stream = load_stream(a.stream)
-    task = _find_task(stream, a.task)  # a clear error for a misspelt name
-    net, loss_fn, params, _ = fixed_batch_loss(stream, task, a.checkpoint, task.train, a.n, a.seed)
+    task = find_task(stream, a.task)  # a clear error for a misspelt name
+    net, loss_fn, params, _ = fixed_batch_loss(stream, task, a.checkpoint, task.train, a.n)
     t0 = time.perf_counter()
     terms = fl.hutchinson_samples(net, loss_fn, params, samples=a.samples, seed=a.seed)
     seconds = time.perf_counter() - t0

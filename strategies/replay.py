@@ -75,6 +75,34 @@ def _str_bytes(value: Any) -> int:
     return 0
 
 
+def reservoir_add(buffer: list[dict[str, Any]], seen: int, name: str, rows: Any, size: int,
+                  rng: random.Random) -> list[dict[str, Any]]:
+    """Vitter's algorithm R: ``buffer`` (``size`` at most, ``seen`` examples offered before) after every row of
+    task ``name`` is offered in order; entering rows are tagged ``"_task"``, and only they are fetched."""
+    slots: list[Any] = list(buffer)
+    for i in range(len(rows)):
+        t = seen + i  # examples offered before this one
+        if t < size:
+            slots.append(i)
+        else:
+            j = rng.randint(0, t)
+            if j < size:
+                slots[j] = i
+    new = [s for s in slots if isinstance(s, int)]
+    fetched = dict(zip(new, _rows(rows, new)))
+    return [s if isinstance(s, dict) else {**fetched[s], "_task": name} for s in slots]
+
+
+def untagged(row: dict[str, Any]) -> dict[str, Any]:
+    """A buffered row as a training example (its ``"_task"`` tag removed)."""
+    return {k: v for k, v in row.items() if k != "_task"}
+
+
+def buffer_bytes(buffer: list[dict[str, Any]]) -> int:
+    """UTF-8 bytes of the strings a buffer holds (its tags not counted)."""
+    return sum(_str_bytes(untagged(r)) for r in buffer)
+
+
 def _stochastic_round(x: float, rng: random.Random) -> int:
     base = math.floor(x)
     return base + (1 if rng.random() < x - base else 0)
@@ -104,21 +132,8 @@ class Replay(Strategy):
             self._balanced(name, rows, n)
 
     def _reservoir(self, name: str, rows: Any, n: int) -> None:
-        # Algorithm R over indices; only the rows that end up in the buffer are materialised.
-        k = self.params.size
-        slots: list[Any] = list(self.buffer)
-        for i in range(n):
-            t = self.seen + i  # examples offered before this one
-            if t < k:
-                slots.append(i)
-            else:
-                j = self.rng.randint(0, t)
-                if j < k:
-                    slots[j] = i
+        self.buffer = reservoir_add(self.buffer, self.seen, name, rows, self.params.size, self.rng)
         self.seen += n
-        new = [s for s in slots if isinstance(s, int)]
-        fetched = dict(zip(new, _rows(rows, new)))
-        self.buffer = [s if isinstance(s, dict) else {**fetched[s], "_task": name} for s in slots]
 
     def _balanced(self, name: str, rows: Any, n: int) -> None:
         t, size = len(self.tasks), self.params.size
@@ -150,7 +165,7 @@ class Replay(Strategy):
         n_general = _stochastic_round(p.general * k, self.rng) if general is not None else 0
         n_buffer = (k - n_general) if self.buffer else 0
         replayed = self._draw_general(general, n_general) + [
-            {key: v for key, v in r.items() if key != "_task"} for r in self._draw(self.buffer, n_buffer)]
+            untagged(r) for r in self._draw(self.buffer, n_buffer)]
         if not replayed:
             return examples
         return examples[:len(examples) - len(replayed)] + replayed
@@ -187,7 +202,7 @@ class Replay(Strategy):
 
     # --- cost and state ----------------------------------------------------------------------------
     def extra_memory_bytes(self) -> int:
-        return sum(_str_bytes({k: v for k, v in r.items() if k != "_task"}) for r in self.buffer)
+        return buffer_bytes(self.buffer)
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()

@@ -1,48 +1,6 @@
-"""Sharpness-aware minimization (Foret et al. 2021) and its adaptive variant ASAM (Kwon et al. 2021).
-
-One optimizer step makes exactly two passes through the engine's closure (the *full* objective):
-
-1. ``g = ∇L(w)`` at the current weights;
-2. ``e = ρ g / ‖g‖₂`` (SAM) or ``e = ρ T² g / ‖T g‖₂`` with ``T = |w| + η`` element-wise (ASAM);
-   the weights move to ``w + e``;
-3. ``g_sam = ∇L(w + e)``;
-4. the weights are restored to ``w`` and the base optimizer (``ctx.base_step()``: clipping, then AdamW/SGD/…)
-   steps with ``g_sam``.
-
-Details that public implementations get wrong, and how this one handles them:
-
-* **Global norm.** ``‖g‖`` is one norm over *all* trainable parameters that received a gradient, not a norm
-  per tensor (or per FSDP shard, as in the reference code of Li et al. 2024): every tensor's ``e`` is scaled by
-  the same factor, so ``‖e‖₂ = ρ`` over the whole model. The norms are taken in float32 whatever the parameter
-  dtype, with a guard ``max(‖g‖, 1e-12)`` so a zero gradient gives ``e = 0`` rather than NaN.
-* **Gradient accumulation.** The engine's closure zeroes the gradients, runs forward+backward over *all* the
-  step's micro-batches and returns only when they are summed, so ``g`` (pass 1) is the gradient of the whole
-  step's batch before any perturbation is made, and pass 2 again accumulates every micro-batch at ``w + e``.
-  Nothing is lost between the passes, and ``grad_accum=k`` gives the same update as one batch of the same
-  examples (the engine's loss is a per-example mean, see ``clsuite.data.lm_loss``).
-* **Penalty terms and replay.** Each pass calls every loss plugin's ``before_backward`` and uses the batch the
-  data plugins built, so EWC's penalty and replayed examples are in ``g_sam`` too.
-* **DDP.** Under data parallelism (``clsuite.distributed``) the engine's closure ends by averaging ``.grad`` over
-  ranks, so after each pass the gradient is the global batch's, ``‖g‖`` is global over devices as well as
-  parameters, and every replica computes the same ``e`` (the replicas stay identical; ``rho`` does not change
-  with the number of processes). Skipping the first pass's all-reduce (``no_sync``) would give per-device perturbations
-  (Foret et al.'s m-sharpness) at one all-reduce less; clsuite does not do that. A sharded engine (FSDP) must
-  all-reduce the squared shard norms before ``e`` is formed; ``_global_norm`` is the one place to do it.
-* **Exact restore.** Subtracting ``e`` after adding it is not exact in floating point (``(w + e) − e ≠ w`` in
-  the last bit for many elements), so the weights at ``w`` are saved before the perturbation and copied back.
-  That copy is what ``extra_memory_bytes`` reports (one copy of the trainable parameters, held during a step;
-  ``e`` is formed and added one tensor at a time, so it adds at most one tensor's worth).
-* **Non-finite gradients** (e.g. fp16 overflow): when ``‖g‖`` is not finite no perturbation is made, no step is
-  taken, and NaN is returned as the loss, so the engine stops with a ``DivergenceError`` instead of writing NaN
-  into the weights.
-* **Randomness.** The two passes share the batch but not dropout masks; Llama-family models have no dropout by
-  default. There are no BatchNorm statistics to update twice in these models.
-
-Cost: two forward+backward passes per step (the engine counts both in ``ctx.example_passes``, so the record's
-compute multiplier is 2).
-
-The loss returned (and logged by the engine) is the objective at ``w``, from the first pass.
-"""
+"""Sharpness-aware minimization (Foret et al. 2021) and adaptive SAM (Kwon et al. 2021): two passes of the full
+objective per step, one global norm, exact restore (docs/sam.md); ``SharpnessAware`` holds what the efficient
+variants share with them (docs/efficient-sam.md)."""
 from __future__ import annotations
 
 import math
@@ -51,6 +9,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from pydantic import Field, model_validator
 
+from clsuite.numerics import at_least_float32
 from clsuite.strategy import Params, Strategy, register
 
 _EPS = 1e-12
@@ -71,15 +30,23 @@ class SAMParams(Params):
         return self
 
 
-@register("sam")
-class SAM(Strategy):
+def ramp(step: int, steps: int) -> float:
+    """A linear schedule's progress: 0 at an experience's first optimizer step (of ``steps``), 1 at its last."""
+    return min(1.0, max(0.0, step / max(1, steps - 1)))
+
+
+class SharpnessAware(Strategy):
+    """What SAM and its efficient variants share (not registered itself): the radius, the perturbation from the
+    gradient in ``.grad`` with one global norm, the pass at ``w + e`` with a bit-exact restore, and the count of
+    steps that used a perturbed gradient (``cost_report``)."""
     kind = "update"
-    description = "sharpness-aware minimization: step with the gradient at the worst point of a rho-ball"
     Params = SAMParams
 
-    def __init__(self, params: SAMParams | None = None):
+    def __init__(self, params: Params | None = None):
         super().__init__(params)
         self._copy_bytes = 0
+        self.steps = 0  # optimizer steps taken over the run
+        self.sam_steps = 0  # of them, those whose update used a gradient at perturbed weights
 
     # --- the update rule -------------------------------------------------------------------------------
     def rho_at(self, step: int, steps: int) -> float:
@@ -87,14 +54,13 @@ class SAM(Strategy):
         p = self.params
         if p.schedule == "constant":
             return p.rho
-        frac = min(1.0, max(0.0, step / max(1, steps - 1)))
-        return p.rho + (p.rho_min - p.rho) * frac
+        return p.rho + (p.rho_min - p.rho) * ramp(step, steps)
 
     @staticmethod
     def _global_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
         """‖concat(tensors)‖₂ over all tensors at once, accumulated in float32 (float64 kept). ``tensors`` may be
         a generator: each tensor is reduced to its norm before the next is made."""
-        norms = [torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+        norms = [torch.linalg.vector_norm(t, dtype=at_least_float32(t.dtype)) for t in tensors]
         if not norms:
             return torch.zeros(())
         dev = norms[0].device
@@ -103,16 +69,6 @@ class SAM(Strategy):
     def _scale(self, p: torch.Tensor) -> torch.Tensor:
         """ASAM's T = |w| + eta (a fresh tensor)."""
         return p.detach().abs().add_(self.params.eta)
-
-    def perturbation(self, params: list[torch.Tensor], rho: float) -> list[torch.Tensor] | None:
-        """``e`` for each parameter (same order), from the gradients in ``.grad``; None if they are not finite.
-
-        (``optimizer_step`` does not call this: it adds each ``e`` in place as it is formed, so that no more than
-        one tensor's ``e`` exists at a time. Kept for inspection and tests.)"""
-        factor = self._factor(params, rho)
-        if factor is None:
-            return None
-        return [self._e(p, factor) for p in params]
 
     def _factor(self, params: list[torch.Tensor], rho: float) -> torch.Tensor | None:
         """rho / ‖g‖ (SAM) or rho / ‖T g‖ (ASAM), the norm global over ``params``; None if it is not finite."""
@@ -131,37 +87,87 @@ class SAM(Strategy):
             return (t * t * g * factor.to(g.device)).to(p.dtype)
         return (g * factor.to(g.device)).to(p.dtype)
 
-    def optimizer_step(self, ctx: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        loss = closure()  # pass 1: g at w (all micro-batches, every loss plugin's term)
-        params = [p for p in ctx.trainable_parameters() if p.grad is not None]
-        rho = self.rho_at(ctx.step, ctx.total_steps)
+    @staticmethod
+    def first_pass(ctx: Any, closure: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Pass 1: ``g = ∇L(w)`` left in ``.grad`` (all micro-batches, every loss plugin's term); returns the loss
+        and the trainable parameters that received a gradient."""
+        loss = closure()
+        return loss, [p for p in ctx.trainable_parameters() if p.grad is not None]
+
+    def pass_at(self, closure: Callable[[], torch.Tensor], params: list[torch.Tensor],
+                e: Callable[[torch.Tensor], torch.Tensor], held: int = 0) -> torch.Tensor:
+        """Move each of ``params`` by ``e(p)`` (formed one tensor at a time), run ``closure`` there (its gradient
+        stays in ``.grad``), then restore ``w`` bit-exactly by copy; returns its loss. ``held``: bytes the caller
+        keeps meanwhile, counted with the copy in ``extra_memory_bytes``."""
         with torch.no_grad():
-            factor = self._factor(params, rho)
-            if factor is None:
-                return torch.full((), float("nan"))
             saved = [p.detach().clone() for p in params]
-            self._copy_bytes = max(self._copy_bytes, sum(s.numel() * s.element_size() for s in saved))
+            self._copy_bytes = max(self._copy_bytes, held + sum(s.numel() * s.element_size() for s in saved))
             for p in params:
-                p.add_(self._e(p, factor))
-        closure()  # pass 2: g_sam at w + e (same batch, penalties evaluated at w + e)
+                p.add_(e(p))
+        loss = closure()  # at w + e: same batch, every penalty evaluated at w + e
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)  # bit-exact restore; (w + e) - e would not be
-        del saved
-        ctx.base_step()
         return loss
+
+    def sam_gradient(self, ctx: Any, closure: Callable[[], torch.Tensor], params: list[torch.Tensor],
+                     held: int = 0) -> bool:
+        """Replace ``g`` in ``.grad`` (from ``first_pass``) by ``∇L(w + e)``, ``e = ρ g/‖g‖`` (ASAM's when adaptive),
+        ``w`` restored; False, nothing changed, when ``‖g‖`` is not finite."""
+        with torch.no_grad():
+            factor = self._factor(params, self.rho_at(ctx.step, ctx.total_steps))
+        if factor is None:
+            return False
+        self.pass_at(closure, params, lambda p: self._e(p, factor), held)
+        return True
+
+    def perturb_and_step(self, ctx: Any, closure: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> bool:
+        """The rest of a SAM step after ``first_pass``: the gradient at ``w + e``, then the base optimizer's step;
+        False, no step taken, when ``‖g‖`` is not finite."""
+        if not self.sam_gradient(ctx, closure, params):
+            return False
+        self.take_step(ctx, perturbed=True)
+        return True
+
+    def take_step(self, ctx: Any, perturbed: bool) -> None:
+        """The base optimizer's step (clipping first) with the gradient now in ``.grad``, counted for the cost."""
+        self.steps += 1
+        self.sam_steps += int(perturbed)
+        ctx.base_step()
+
+    @staticmethod
+    def diverged() -> torch.Tensor:
+        """The loss returned when no step was taken for a non-finite gradient: the engine stops on it."""
+        return torch.full((), float("nan"))
 
     # --- cost and state ----------------------------------------------------------------------------------
     def extra_memory_bytes(self) -> int:
         """One copy of the trainable parameters (the saved ``w``), held during each step; the largest seen."""
         return self._copy_bytes
 
+    def cost_report(self) -> dict[str, float]:
+        """``sam_step_fraction``: the share of optimizer steps whose update used a gradient at perturbed weights."""
+        return {"sam_step_fraction": self.sam_steps / self.steps} if self.steps else {}
+
     def state_dict(self) -> dict[str, Any]:
-        """SAM keeps nothing between steps (the saved weights live only inside a step)."""
-        return {"copy_bytes": self._copy_bytes}
+        """The cost counters (the saved weights live only inside a step)."""
+        return {"copy_bytes": self._copy_bytes, "steps": self.steps, "sam_steps": self.sam_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._copy_bytes = int(state.get("copy_bytes", 0))
+        self.steps, self.sam_steps = int(state.get("steps", 0)), int(state.get("sam_steps", 0))
+
+
+@register("sam")
+class SAM(SharpnessAware):
+    description = "sharpness-aware minimization: step with the gradient at the worst point of a rho-ball"
+    Params = SAMParams
+
+    def optimizer_step(self, ctx: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        loss, params = self.first_pass(ctx, closure)  # pass 1: g at w
+        if not self.perturb_and_step(ctx, closure, params):  # pass 2: g_sam at w + e; restore; base step
+            return self.diverged()
+        return loss  # the objective at w
 
 
 class ASAMParams(SAMParams):

@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 
 from clsuite.errors import UserError
-from clsuite.strategy import Params, Strategy, register
+from clsuite.strategy import Conflict, Params, Strategy, register
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -103,6 +103,11 @@ class WiseFT(Strategy):
     kind = "weights"
     description = "Wise-FT: after each task interpolate the weights toward the initial or previous weights"
     Params = WiseFTParams
+    conflicts = (Conflict("lora", when={"mode": "continue"}, self_when={"anchor": "previous"},
+                          reason="interpolating toward the previous task gives W0 + (1-alpha)*B_prev*A_prev + "
+                                 "alpha*B*A, a rank-2r update that the kept rank-r adapter cannot hold; use "
+                                 "lora(mode=merge)+wiseft(anchor=previous), or lora+wiseft(anchor=initial) (exact: "
+                                 "the adapter's B is scaled by alpha)"),)
 
     def __init__(self, params: WiseFTParams | None = None):
         super().__init__(params)
@@ -112,16 +117,6 @@ class WiseFT(Strategy):
         self.lora_implicit = False
         self._deferred = False  # anchor=initial under a parametrization: snapshot at the first experience
         self._peak_bytes = 0
-
-    def conflict(self, others: list[Strategy]) -> str | None:
-        for o in others:
-            if (o.name == "lora" and getattr(o.params, "mode", None) == "continue"
-                    and self.params.anchor == "previous"):
-                return ("wiseft(anchor=previous) cannot be combined with lora(mode=continue): interpolating toward "
-                        "the previous task gives W0 + (1-alpha)*B_prev*A_prev + alpha*B*A, a rank-2r update that the "
-                        "kept rank-r adapter cannot hold; use lora(mode=merge)+wiseft(anchor=previous), or "
-                        "lora+wiseft(anchor=initial) (exact: the adapter's B is scaled by alpha)")
-        return super().conflict(others)
 
     # --- snapshots -------------------------------------------------------------------------------
     def _changeable(self, model: torch.nn.Module, layers: list) -> dict[str, torch.nn.Parameter]:

@@ -1,6 +1,8 @@
-"""Shared fixtures: a private model cache per test session (the tiny base model is built once), the tiny test stream."""
+"""Shared fixtures and helpers: the tiny test stream, a tiny random Llama, interrupting and comparing runs."""
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,15 +27,68 @@ def tiny_stream():
 
 
 def tiny_llama(seed: int = 0, hidden: int = 16, layers: int = 1, heads: int = 2, kv_heads: int = 2,
-               tie: bool = False):
-    """A seeded random Llama over tiny-synthetic's character tokenizer, small enough for unit tests: (model, tok)."""
+               tie: bool = False, tok=None, positions: int = 64):
+    """A seeded random Llama, small enough for unit tests, over ``tok`` (default: tiny-synthetic's character
+    tokenizer): (model, tok)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from clsuite.benchmarks.tiny_synthetic import make_tokenizer
-    tok = make_tokenizer()
+    from clsuite.benchmarks.models.tiny_synthetic import make_tokenizer
+    tok = tok if tok is not None else make_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=positions,
                       tie_word_embeddings=tie, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg), tok
+
+
+CLOCK = {"wall_seconds", "train_seconds", "eval_seconds", "sharpness_seconds", "provenance"}  # provenance: argv
+
+
+def comparable(path: Path) -> dict:
+    """A record without its wall-clock fields and provenance."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in CLOCK}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+    return strip(json.loads(path.read_text()))
+
+
+class Killed(Exception):
+    """Stands for a kill right after the first experience's checkpoint."""
+
+
+def interrupt_after_first(monkeypatch, stream, cfg, out) -> Path:
+    """Run ``cfg`` until the checkpoint after experience 0 is written, then stop it; returns the checkpoint."""
+    from clsuite import runner
+    from clsuite.checkpoint import META
+    from clsuite.records import record_path
+    real = runner.save_checkpoint
+
+    def save_then_die(path, ctx, result):
+        real(path, ctx, result)
+        raise Killed
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        runner.run_one(stream, cfg, out, progress=False)
+    monkeypatch.setattr(runner, "save_checkpoint", real)
+    ckpt = record_path(out, cfg).with_suffix(".ckpt")
+    assert json.loads((ckpt / META).read_text())["experience"] == 0
+    assert not record_path(out, cfg).exists()
+    return ckpt
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """clsuite's real entry point in-process, with main()'s exit codes (CliRunner would bypass them):
+    ``cli(*args) -> (exit code, stdout, stderr)``."""
+    from clsuite.cli import main
+
+    def call(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["clsuite", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+    return call

@@ -10,6 +10,7 @@ def clsuite(*args, cwd=None):
                           timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, match", [
     (["run", "--stream", "tiny-synthetc"], "did you mean 'tiny-synthetic'"),
     (["run", "--stream", "tiny-synthetic", "--strategies", "sam(rho=)"], "expected a value"),
@@ -32,6 +33,7 @@ def test_usage_error_exits_2():
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_list_shows_everything():
     r = clsuite("list")
     assert r.returncode == 0
@@ -39,6 +41,7 @@ def test_list_shows_everything():
         assert word in r.stdout
 
 
+@pytest.mark.slow
 def test_run_show_leaderboard(tmp_path, tiny_stream_path):
     r = clsuite("run", "--stream", tiny_stream_path, "--strategies", "naive", "--seeds", "0,1", "--out",
                 str(tmp_path / "runs"), "--leaderboard", str(tmp_path / "lb"), "--quiet")

@@ -18,7 +18,8 @@ from clsuite import distributed
 from clsuite.engine import Context, run_stream, set_seed, train_experience
 from clsuite.errors import UserError
 from clsuite.records import read_record
-from clsuite.runner import resolve_config, run_one
+from clsuite.config import resolve_config
+from clsuite.runner import run_one
 from clsuite.strategy import Strategy, build_strategy
 from clsuite.streams import load_stream
 
@@ -95,6 +96,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             res["batch_error"] = str(e)
         cfg = resolve_config(stream, "naive", 0, model=str(Path(tmp) / "model"), eval=EVAL)
         res["record"] = run_one(stream, cfg, Path(tmp) / f"rank{rank}", progress=False)
+        res["failures"] = _failure_runs(rank, stream, tmp)
         torch.save(res, Path(tmp) / f"result{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -125,6 +127,7 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_two_processes_equal_one_process(runs, name):
     (r0, r1), ref = runs[0], runs[1]
@@ -145,6 +148,7 @@ def test_two_processes_equal_one_process(runs, name):
         assert len(a["rows"]) == 3 and b["rows"] == []  # rank 0 alone evaluates
 
 
+@pytest.mark.slow
 def test_ewc_fisher_identical_on_ranks_and_equal_to_one_process(runs):
     (r0, r1), ref = runs[0], runs[1]
     f0, f1, one = r0["sam+ewc"]["fisher"], r1["sam+ewc"]["fisher"], ref["sam+ewc"]["fisher"]
@@ -155,6 +159,7 @@ def test_ewc_fisher_identical_on_ranks_and_equal_to_one_process(runs):
         assert any(float(c[n].abs().max()) > 0 for n in c)
 
 
+@pytest.mark.slow
 def test_replay_buffer_identical_on_ranks_and_to_one_process(runs):
     (r0, r1), ref = runs[0], runs[1]
     a, b, one = r0["sam+replay, grad_accum 2"], r1["sam+replay, grad_accum 2"], ref["sam+replay, grad_accum 2"]
@@ -163,16 +168,19 @@ def test_replay_buffer_identical_on_ranks_and_to_one_process(runs):
     assert a["replay_rng"] == b["replay_rng"] == one["replay_rng"]
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_world_size_times_grad_accum_is_a_user_error(runs):
     for r in runs[0]:
         assert "batch_size 6 is not a multiple of world size 2 × grad_accum 2 = 4" in r["batch_error"]
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes_the_record(runs):
     (r0, r1), ref = runs[0], runs[1]
     assert r0["record"].exists() and not r1["record"].exists()
     rec = read_record(r0["record"])
     assert rec.status == "complete" and len(rec.R) == 3
+    assert rec.world_size == WORLD
     assert [e["tokens"] for e in rec.experiences] == ref["naive"]["tokens"]
     assert rec.cost["compute_multiplier"] == 1.0
 
@@ -212,3 +220,65 @@ def test_bf16_autocast_with_sam_stays_close_to_fp32(tiny_stream):
     assert len(rel) == 3 and bf16[1].ne(fp32[1]).any()  # autocast did run the forward passes in bf16
     assert max(rel) < 0.2
     assert bf16_loss == pytest.approx(fp32_loss, rel=1e-3)
+
+
+# --- a failure on one rank reaches every rank ------------------------------------------------------------------
+def _failure_runs(rank: int, stream, tmp: str) -> dict:
+    """Three runs in the process group: rank 0's evaluation after experience 1 diverges; rank 1 cannot load the
+    model; then a run that succeeds (the ranks stayed in step). What each rank raised, and when."""
+    import time
+
+    from clsuite import engine, runner
+    from clsuite.errors import DivergenceError
+    cfg = resolve_config(stream, "naive", 0, model=str(Path(tmp) / "model"), eval=EVAL)
+    real_evaluate, real_load = engine.evaluate, runner.load_model
+    calls = []
+
+    def evaluate(ctx, tasks):
+        calls.append(1)
+        if len(calls) == 3:  # the tasks, after experience 1
+            raise DivergenceError("injected: non-finite score after 1 experience(s)")
+        return real_evaluate(ctx, tasks)
+
+    def load_model(name):
+        if rank == 1:
+            raise RuntimeError("injected: rank 1 ran out of memory")
+        return real_load(name)
+
+    res = {}
+    for name, module, attr, fake in (("rank 0 diverges", engine, "evaluate", evaluate),
+                                     ("rank 1 fails", runner, "load_model", load_model),
+                                     ("then a run succeeds", None, None, None)):
+        if module is not None:
+            setattr(module, attr, fake)
+        try:
+            path = run_one(stream, cfg, Path(tmp) / "failures" / name.replace(" ", "-"), progress=False)
+            res[name] = ("ok", str(path), time.time())
+        except Exception as e:
+            res[name] = (type(e).__name__, str(e), time.time())
+        finally:
+            engine.evaluate, runner.load_model = real_evaluate, real_load
+    return res
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_reaches_every_rank(runs):
+    """Rank 0 diverging in its evaluation, or rank 1 failing, makes both ranks raise the same error at once (no
+    rank left waiting at a collective: they would wait 3 min here, 2 h in clsuite); rank 0 writes the failed
+    record, with the world size."""
+    (rank0, rank1), _ = runs
+    r0, r1 = rank0["failures"], rank1["failures"]
+    for name in r0:
+        print(f"\n{name}: rank 0 {r0[name][0]}, rank 1 {r1[name][0]}, {abs(r0[name][2] - r1[name][2]):.2f} s apart")
+    diverged = "injected: non-finite score after 1 experience(s)"
+    assert r0["rank 0 diverges"][:2] == r1["rank 0 diverges"][:2] == ("DivergenceError", diverged)
+    failures = Path(rank0["record"]).parents[3] / "failures"
+    record = read_record(failures / "rank-0-diverges" / "tiny-test" / "naive" / "seed0.json")
+    assert (record.status, record.error, record.world_size) == ("failed", diverged, WORLD)
+    assert r1["rank 1 fails"][:2] == ("RuntimeError", "injected: rank 1 ran out of memory")
+    assert r0["rank 1 fails"][:2] == ("RankFailed", "rank 1 failed: RuntimeError: injected: rank 1 ran out of memory")
+    assert not list((failures / "rank-1-fails").rglob("seed0.json"))  # not a property of the settings: no record
+    assert r0["then a run succeeds"][0] == r1["then a run succeeds"][0] == "ok"
+    assert read_record(r0["then a run succeeds"][1]).world_size == WORLD
+    for name in ("rank 0 diverges", "rank 1 fails"):
+        assert abs(r0[name][2] - r1[name][2]) < 10, name  # at once, not at the collective timeout

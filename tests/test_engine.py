@@ -4,7 +4,8 @@ import json
 import pytest
 
 from clsuite.records import read_record
-from clsuite.runner import resolve_config, run_one
+from clsuite.config import resolve_config
+from clsuite.runner import run_one
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def naive_record(tiny_stream, tmp_path_factory):
 
 def test_record_is_complete(naive_record):
     r = naive_record
-    assert r.status == "complete" and r.schema_version == 1
+    assert r.status == "complete" and r.schema_version == 2 and r.fingerprint
     assert len(r.R) == 3 and all(len(row) == 2 for row in r.R)
     assert len(r.P) == 3 and all(len(row) == 2 for row in r.P)
     assert set(r.metrics) >= {"acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_fg"}
@@ -71,7 +72,7 @@ def test_bad_training_settings(tiny_stream):
         resolve_config(tiny_stream, "naive", 0, train={"lr": -1})
     with pytest.raises(UserError, match="grad_accum"):
         resolve_config(tiny_stream, "naive", 0, train={"batch_size": 7, "grad_accum": 2})
-    with pytest.raises(UserError, match="Extra inputs"):
+    with pytest.raises(UserError, match="learning_rate: unknown key; known: .*lr"):
         resolve_config(tiny_stream, "naive", 0, train={"learning_rate": 1})
 
 

@@ -10,7 +10,8 @@ from clsuite import engine
 from clsuite.errors import UserError
 from clsuite.evalcache import initial_key, load_initial, weights_digest
 from clsuite.records import read_record
-from clsuite.runner import resolve_config, run_one
+from clsuite.config import resolve_config
+from clsuite.runner import run_one
 from conftest import tiny_llama
 
 

@@ -240,6 +240,7 @@ def test_lambda_alias_and_bad_values():
 
 
 # --- on a real (tiny) Llama through Context.loss ---------------------------------------------------------
+@pytest.mark.slow
 def test_fisher_on_tiny_llama_matches_per_example_autograd():
     from clsuite.data import collate, lm_loss
     from clsuite.streams import Stream

@@ -1,4 +1,5 @@
-"""The worked third-party example: a pip-installed package adds a strategy through the entry-point group.
+"""The worked third-party examples: pip-installed packages add a strategy, a scorer and a data builder through
+their entry-point groups.
 
 The example is installed with ``pip install --target`` into a temporary folder that the CLI subprocesses see
 through PYTHONPATH, so the test leaves the shared virtual environment unchanged (entry points are read from
@@ -16,16 +17,17 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "clsuite-example-strategy"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(scope="session")
-def plugin_env(tmp_path_factory) -> dict[str, str]:
+def _install(name: str, tmp_path_factory) -> dict[str, str]:
+    """pip-install ``examples/<name>`` into a fresh folder; the environment that puts it on PYTHONPATH."""
+    example = EXAMPLES / name
     if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
         pytest.skip(f"pip is not available for {sys.executable}: cannot install the example package")
     target = tmp_path_factory.mktemp("site")
     # build from a copy: an in-tree build would leave build/ and *.egg-info in the example folder
-    src = shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("src") / EXAMPLE.name,
+    src = shutil.copytree(example, tmp_path_factory.mktemp("src") / example.name,
                           ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     offline = importlib.util.find_spec("setuptools") is not None  # build with it, no download needed
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--disable-pip-version-check",
@@ -35,11 +37,21 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
         if not offline:
             pytest.skip(f"cannot build the example without setuptools in the environment (and no index?): "
                         f"{r.stderr.strip().splitlines()[-1:]}")
-        pytest.fail(f"pip install of {EXAMPLE} failed:\n{r.stderr}")
-    assert list(target.glob("clsuite_example_strategy-*.dist-info"))
+        pytest.fail(f"pip install of {example} failed:\n{r.stderr}")
+    assert list(target.glob(f"{name.replace('-', '_')}-*.dist-info"))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(target), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+@pytest.fixture(scope="session")
+def plugin_env(tmp_path_factory) -> dict[str, str]:
+    return _install("clsuite-example-strategy", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def scorer_env(tmp_path_factory) -> dict[str, str]:
+    return _install("clsuite-example-scorer", tmp_path_factory)
 
 
 def clsuite(env, *args):
@@ -47,6 +59,7 @@ def clsuite(env, *args):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_list_shows_the_plugin(plugin_env):
     r = clsuite(plugin_env, "list", "strategies")
     assert r.returncode == 0, r.stderr
@@ -55,6 +68,7 @@ def test_list_shows_the_plugin(plugin_env):
     assert "weight=0.01" in r.stdout
 
 
+@pytest.mark.slow
 def test_run_composes_the_plugin_with_sam(plugin_env, tiny_stream_path, tmp_path):
     r = clsuite(plugin_env, "run", "--stream", tiny_stream_path, "--strategies", "sam+l2(weight=0.1)",
                 "--out", str(tmp_path), "--quiet")
@@ -69,6 +83,46 @@ def test_run_composes_the_plugin_with_sam(plugin_env, tiny_stream_path, tmp_path
     assert s.returncode == 0 and "l2(weight=0.1)+sam" in s.stdout
 
 
+@pytest.mark.slow
 def test_bad_plugin_parameter_is_a_user_error(plugin_env, tiny_stream_path, tmp_path):
     r = clsuite(plugin_env, "run", "--stream", tiny_stream_path, "--strategies", "l2(weight=-1)", "--out", str(tmp_path))
     assert r.returncode == 2 and "weight" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_list_shows_the_scorer_and_builder(scorer_env):
+    r = clsuite(scorer_env, "list", "scorers")
+    assert r.returncode == 0, r.stderr
+    assert any(x.split()[:3] == ["token_accuracy", "higher", "is"] for x in r.stdout.splitlines()), r.stdout
+    r = clsuite(scorer_env, "list", "builders")
+    assert r.returncode == 0, r.stderr
+    assert any(x.split()[:2] == ["letter_shift", "Move"] for x in r.stdout.splitlines()), r.stdout
+
+
+@pytest.mark.slow
+def test_stream_uses_the_plugin_scorer_and_builder(scorer_env, tiny_stream_path, tmp_path):
+    stream = tmp_path / "shift.yaml"
+    stream.write_text(f"""include: {tiny_stream_path}
+name: shift-test
+tasks:
+  - {{name: shift, scorer: token_accuracy, source: {{builder: letter_shift, shift: 2, n_train: 32, n_eval: 10}}}}
+  - {{name: addition, scorer: exact_match, source: {{builder: tiny_task, skill: addition, n_train: 32, n_eval: 10}}}}
+""")
+    r = clsuite(scorer_env, "run", "--stream", str(stream), "--strategies", "naive", "--out", str(tmp_path / "runs"),
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    (path,) = (tmp_path / "runs").rglob("seed0.json")
+    rec = json.loads(path.read_text())
+    assert rec["status"] == "complete" and len(rec["R"]) == 3
+    assert all(0 <= row[0] <= 1 for row in rec["R"])
+
+
+@pytest.mark.slow
+def test_misspelt_plugin_scorer_is_suggested(scorer_env, tiny_stream_path, tmp_path):
+    stream = tmp_path / "typo.yaml"
+    stream.write_text(f"""include: {tiny_stream_path}
+tasks:
+  - {{name: shift, scorer: token_acuracy, source: {{builder: letter_shift}}}}
+""")
+    r = clsuite(scorer_env, "run", "--stream", str(stream), "--strategies", "naive", "--out", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "did you mean 'token_accuracy'" in r.stderr and "Traceback" not in r.stderr

@@ -17,17 +17,20 @@ from typing import Literal, get_args, get_origin
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from clsuite import records
+from clsuite import atomic
 from clsuite.config import EvalConfig, RunConfig, TrainConfig
 from clsuite.errors import UserError
-from clsuite.leaderboard import aggregate, frame, to_markdown
-from clsuite.records import RunRecord, atomic_write_json, read_record
-from clsuite.runner import resolve_config
+from clsuite.lm_eval_probe import LmEvalSpec
+from clsuite.reports.leaderboard import aggregate, frame, to_markdown
+from clsuite.atomic import write_json as atomic_write_json
+from clsuite.records import RunRecord, read_record
+from clsuite.config import resolve_config
 from clsuite.spec import parse_spec, split_specs
 from clsuite.strategy import KINDS, STRATEGIES, Strategy, _load_builtins, build_strategy, canonical_spec
+from clsuite.stream_schema import DataSpec, LmEvalProbeSpec, StreamSpec, TaskSpec
 from clsuite.streams import Stream, Task, load_stream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +190,7 @@ def test_spec_near_valid(text):
     _check_spec(text)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(_spec(), min_size=1, max_size=3))
 def test_split_specs_inverts_join(specs):
@@ -368,6 +372,7 @@ def test_stream_yaml_near_valid(doc):
         _check_stream(path)
 
 
+@pytest.mark.slow
 @SLOW
 @given(st.one_of(st.binary(max_size=60), st.text(max_size=60).map(str.encode),
                  st.sampled_from([b"[" * 20000, b"{a: " * 3000, b"a: &x [*x]\nname: *x", b"name: !!python/none x",
@@ -378,6 +383,71 @@ def test_stream_yaml_arbitrary_bytes(data):
         path = Path(d) / "doc.yaml"
         path.write_bytes(data)
         _check_stream(path)
+
+
+# every schema level refuses a key it does not know: a UserError naming where, never a silently ignored key
+LM_EVAL_TASKS = str(ROOT / "tests" / "data" / "lm_eval_tasks")
+SCHEMA_KEYS = {  # where an unknown key goes -> the keys known there
+    "top": set(StreamSpec.model_fields), "task": set(TaskSpec.model_fields) | {"lm_eval"},
+    "probe": set(TaskSpec.model_fields) | {"lm_eval"}, "lm_eval_probe": set(LmEvalProbeSpec.model_fields),
+    "lm_eval": set(LmEvalSpec.model_fields), "source": {"skill", "n_train", "n_eval"},  # tiny_task's arguments
+    "train": set(TrainConfig.model_fields), "eval": set(EvalConfig.model_fields),
+    "general_data": set(DataSpec.model_fields)}
+SCHEMA_WHERE = {"top": "stream doc.yaml: ", "task": "task 1 (t0): ", "probe": "probe 1 (p0): ",
+                "lm_eval_probe": "probe 1 (lp): ", "lm_eval": "probe 1 (lp): lm_eval.",
+                "source": "task 1 (t0): source.", "train": "stream doc.yaml: train.",
+                "eval": "stream doc.yaml: eval.", "general_data": "stream doc.yaml: general_data."}
+
+
+@st.composite
+def _near_miss(draw, known: set) -> str:
+    """A known key with one character deleted, doubled or swapped with the next: a typo."""
+    key = draw(st.sampled_from(sorted(known)))
+    i = draw(st.integers(0, len(key) - 1))
+    op = draw(st.sampled_from(["delete", "double", "swap"]))
+    return {"delete": key[:i] + key[i + 1:], "double": key[:i] + key[i] + key[i:],
+            "swap": key[:i] + key[i + 1:i + 2] + key[i] + key[i + 2:]}[op]
+
+
+@st.composite
+def _unknown_key_doc(draw) -> tuple[dict, str, object, bool]:
+    where = draw(st.sampled_from(sorted(SCHEMA_KEYS)))
+    known = SCHEMA_KEYS[where]
+    typo = draw(st.booleans())
+    key = draw(_near_miss(known) if typo else st.one_of(st.text(max_size=12), st.integers(), st.booleans(),
+                                                         st.none(), st.sampled_from(["extra", "seed", "Name"])))
+    assume(key not in known and not (where == "source" and key == "builder"))
+    lm_eval = where in ("lm_eval_probe", "lm_eval")
+    probe = ({"name": "lp", "lm_eval": {"task": "tiny_mc", "include_path": LM_EVAL_TASKS, "include_defaults": False}}
+             if lm_eval else {"name": "p0", "scorer": "exact_match", "source": dict(GENERAL)})
+    doc = {"name": "fuzz", "model": "tiny-synthetic-base", "train": {"steps": 2}, "eval": {"batch_size": 4},
+           "tasks": [{"name": "t0", "scorer": "exact_match", "source": dict(SOURCE)}], "probes": [probe],
+           "general_data": {"source": {"builder": "tiny_general_mix", "n": 20}, "eval_size": 2}}
+    target = {"top": doc, "task": doc["tasks"][0], "probe": probe, "lm_eval_probe": probe,
+              "lm_eval": probe.get("lm_eval"), "source": doc["tasks"][0]["source"], "train": doc["train"],
+              "eval": doc["eval"], "general_data": doc["general_data"]}[where]
+    target[key] = draw(_small)
+    return doc, where, key, typo
+
+
+@SLOW
+@given(_unknown_key_doc())
+def test_stream_unknown_keys_are_refused(case):
+    doc, where, key, typo = case
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "doc.yaml"
+        path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+        with pytest.raises(UserError) as e:
+            load_stream(str(path))
+    msg = str(e.value)
+    assert msg.strip() and "\n" not in msg and "\r" not in msg, msg
+    assert SCHEMA_WHERE[where] in msg, (where, msg)
+    if isinstance(key, str):
+        assert "unknown key" in msg or "unknown argument" in msg, msg
+        if typo and len(key) >= 3:
+            assert "did you mean" in msg, msg
+    else:
+        assert "Keys should be strings" in msg, msg
 
 
 def test_stream_path_is_directory(tmp_path):
@@ -467,6 +537,7 @@ def _check_table(md: str, rows: int) -> None:
     assert len({line.count("|") for line in lines}) == 1, md  # no cell was split by a raw '|'
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(_markup, min_size=1, max_size=4, unique=True), _markup)
 def test_markdown_escapes_record_text(strategies, stream):
@@ -494,6 +565,7 @@ def _check_cli(res: subprocess.CompletedProcess) -> None:
 _arg = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=20)
 
 
+@pytest.mark.slow
 @examples(8)
 @given(st.one_of(st.binary(max_size=40), _mutated_record(), st.sampled_from([b"[" * 100_000, "DIR", "MISSING"])))
 def test_cli_show_bad_record(content):
@@ -516,6 +588,7 @@ def _check_cli_run(arg: str) -> None:
         assert not any(Path(d).iterdir())  # nothing written
 
 
+@pytest.mark.slow
 @examples(3)
 @given(st.one_of(_arg.map(lambda s: f"--seeds=x{s}"), _arg.map(lambda s: f"--set={s.replace('=', '')}"),
                  _arg.map(lambda s: f"--strategies=naive,({s}"), _arg.map(lambda s: f"--sharpness=x{s}"),
@@ -525,6 +598,7 @@ def test_cli_run_bad_argument(arg):
     _check_cli_run(arg)
 
 
+@pytest.mark.slow
 def test_cli_set_value_that_is_not_yaml():
     _check_cli_run("--set=lr=[0")
 
@@ -542,6 +616,7 @@ def _finite(obj) -> bool:
     return not isinstance(obj, float) or math.isfinite(obj)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(_jsonish, _jsonish, st.sampled_from(["dump", "write", "fsync", "replace", "none"]), st.integers(0, 5))
 def test_atomic_write_json_interrupted(old, new, where, after):
@@ -561,17 +636,17 @@ def test_atomic_write_json_interrupted(old, new, where, after):
                 text = json.dumps(obj, **kw)
                 f.write(text[:after * 7])
                 raise _Boom
-            mp.setattr(records.json, "dump", dump)
+            mp.setattr(atomic.json, "dump", dump)
         elif where == "fsync":
-            mp.setattr(records.os, "fsync", boom)
+            mp.setattr(atomic.os, "fsync", boom)
         elif where == "replace":
-            mp.setattr(records.os, "replace", boom)
+            mp.setattr(atomic.os, "replace", boom)
         elif where == "write":
             def dump(obj, f, **kw):
                 real_dump(obj, f, **kw)
                 f.write("x" * after)
                 raise _Boom
-            mp.setattr(records.json, "dump", dump)
+            mp.setattr(atomic.json, "dump", dump)
         try:
             atomic_write_json(path, new)
             finished = True

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from clsuite.errors import UserError
-from clsuite.landscape import compare_landscapes, correlate, landscape, measure_sharpness
+from clsuite.reports.correlate import correlate
+from clsuite.reports.landscape import compare_landscapes, landscape
+from clsuite.sharpness import measure_sharpness
 
 CHEAP = {"sharpness_worst", "sharpness_trace"}
 FULL = CHEAP | {"sharpness_top_eig", "sharpness_curvature", "sharpness_avg_gradient", "sharpness_mean_abs_gradient"}
@@ -22,7 +24,7 @@ FULL = CHEAP | {"sharpness_top_eig", "sharpness_curvature", "sharpness_avg_gradi
 @pytest.fixture(scope="module")
 def ctx(tiny_stream):
     from clsuite.engine import Context
-    from clsuite.runner import resolve_config
+    from clsuite.config import resolve_config
     model, tok = tiny_llama()
     return Context(model, tok, tiny_stream, resolve_config(tiny_stream, "naive", 0), [], random.Random(0),
                    experience=0, task=tiny_stream.tasks[0])
@@ -122,6 +124,7 @@ def test_correlate_command(tmp_path):
     assert "Spearman" in r.output and (tmp_path / "out" / "correlation.csv").exists()
 
 
+@pytest.mark.slow
 def test_landscape_command_writes_pngs_and_json(checkpoint, tiny_stream_path, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "clsuite.cli", "landscape", "--checkpoint", str(checkpoint),
@@ -176,6 +179,7 @@ def test_landscape_user_errors(kwargs, match, tiny_stream_path, checkpoint, tmp_
         landscape(tiny_stream_path, out=tmp_path / "out", **kwargs)
 
 
+@pytest.mark.slow
 def test_landscape_cli_error_is_one_line(checkpoint, tiny_stream_path):
     r = subprocess.run([sys.executable, "-m", "clsuite.cli", "landscape", "--checkpoint", str(checkpoint),
                         "--stream", tiny_stream_path, "--task", "nope"], capture_output=True, text=True, timeout=600)

@@ -1,12 +1,13 @@
 import pandas as pd
 
-from clsuite.leaderboard import aggregate, frame, to_markdown
+from clsuite.reports.leaderboard import aggregate, frame, to_markdown
+from clsuite.fingerprint import PARTS
 from clsuite.records import RunRecord
 
 
 def _rec(strategy, seed, acc, forgetting):
-    return RunRecord(schema_version=1, status="complete", stream="s", strategy=strategy, seed=seed, model="m",
-                     config={}, tasks=["a", "b"], probes=[], R=[[0, 0], [1, 0], [acc, acc]], P=[[], [], []],
+    return RunRecord(schema_version=2, status="complete", stream="s", strategy=strategy, seed=seed, model="m",
+                     config={}, fingerprint={p: "0" for p in PARTS}, tasks=["a", "b"], probes=[], R=[[0, 0], [1, 0], [acc, acc]], P=[[], [], []],
                      metrics={"acc": acc, "forgetting": forgetting}, cost={"compute_multiplier": 1.0})
 
 
@@ -35,7 +36,7 @@ def test_sharpness_columns():
 
 
 def test_paired_effect_of_sam():
-    from clsuite.leaderboard import paired_effects
+    from clsuite.reports.leaderboard import paired_effects
     recs = [_rec("naive", 0, 0.2, 0.5), _rec("naive", 1, 0.4, 0.3), _rec("sam", 0, 0.3, 0.4), _rec("sam", 1, 0.6, 0.2),
             _rec("ewc+sam", 0, 0.9, 0.0)]  # no ewc run: no comparison
     eff = paired_effects(frame(recs), metrics=("acc",))
@@ -46,8 +47,8 @@ def test_paired_effect_of_sam():
 def test_duplicate_cells_are_refused(tmp_path):
     import pytest
     from clsuite.errors import UserError
-    from clsuite.leaderboard import load_records
-    from clsuite.records import atomic_write_json
+    from clsuite.reports.leaderboard import load_records
+    from clsuite.atomic import write_json as atomic_write_json
     rec = _rec("naive", 0, 0.2, 0.5).model_dump()
     atomic_write_json(tmp_path / "a" / "seed0.json", rec)
     atomic_write_json(tmp_path / "b" / "seed0.json", rec)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from clsuite.benchmarks.tiny_synthetic import make_tokenizer, tiny_task
+from clsuite.benchmarks.builders.tiny_synthetic import tiny_task
+from clsuite.benchmarks.models.tiny_synthetic import make_tokenizer
 from clsuite.config import EvalConfig, RunConfig, TrainConfig
 from clsuite.data import collate, lm_loss
 from clsuite.engine import Context, run_stream

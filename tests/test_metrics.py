@@ -111,13 +111,13 @@ def test_single_task() -> None:
 
 
 def test_registry_and_plain_floats() -> None:
-    assert list(METRICS)[:8] == ["acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention",
-                                 "probe_loglik_retention", "probe_fg"]
-    assert not METRICS["forgetting"].higher_is_better and not METRICS["probe_fg"].higher_is_better
-    assert METRICS["acc"].higher_is_better and METRICS["bwt"].higher_is_better
-    assert all(m.description and "\n" not in m.description for m in METRICS.values())
+    assert METRICS.names()[:8] == ["acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention",
+                                   "probe_loglik_retention", "probe_fg"]
+    assert not METRICS.get("forgetting").higher_is_better and not METRICS.get("probe_fg").higher_is_better
+    assert METRICS.get("acc").higher_is_better and METRICS.get("bwt").higher_is_better
+    assert all(m.formula and "\n" not in m.formula for _, m in METRICS.items())
     got = compute_metrics(np.array(A), np.array(P_A), np.array(P_A) - 5)
-    assert set(got) == set(METRICS)
+    assert list(got) == METRICS.names()
     assert all(type(v) is float for v in got.values())
 
 

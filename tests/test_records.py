@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from clsuite import records
+from clsuite import atomic
 from clsuite.errors import UserError
-from clsuite.records import atomic_write_json, read_record
+from clsuite.atomic import write_json as atomic_write_json
+from clsuite.records import read_record
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
@@ -13,7 +14,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(records.json, "dump", boom)
+    monkeypatch.setattr(atomic.json, "dump", boom)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1}
@@ -34,3 +35,19 @@ def test_bad_records(tmp_path, text, match):
     (tmp_path / "r.json").write_text(text)
     with pytest.raises(UserError, match=match):
         read_record(tmp_path / "r.json")
+
+
+def test_v2_records_need_their_fingerprint_v1_ones_are_read_to_be_migrated(tmp_path):
+    from clsuite.fingerprint import PARTS
+    from clsuite.records import SCHEMA_VERSION
+    rec = {"status": "complete", "stream": "s", "strategy": "naive", "seed": 0, "model": "m", "config": {},
+           "tasks": ["a"], "probes": [], "R": [[0.0], [1.0]], "P": [[], []], "metrics": {}}
+    assert SCHEMA_VERSION == 2
+    for fingerprint in (None, {"config": "x"}):  # none, or without every part
+        (tmp_path / "r.json").write_text(json.dumps({**rec, "schema_version": 2, "fingerprint": fingerprint}))
+        with pytest.raises(UserError, match="schema v2 record needs its fingerprint, with schema, config"):
+            read_record(tmp_path / "r.json")
+    (tmp_path / "r.json").write_text(json.dumps({**rec, "schema_version": 2, "fingerprint": dict.fromkeys(PARTS, "0")}))
+    assert read_record(tmp_path / "r.json").fingerprint["eval_data"] == "0"
+    (tmp_path / "r.json").write_text(json.dumps({**rec, "schema_version": 1}))
+    assert read_record(tmp_path / "r.json").fingerprint is None

@@ -154,6 +154,7 @@ def test_state_dict_is_json_and_resumes_identically():
     assert a.mix(_batch()) == b.mix(_batch())
 
 
+@pytest.mark.slow
 def test_engine_keeps_batch_size_and_fills_buffer(tiny_stream):
     """Through the real engine: compute stays that of plain fine-tuning, the buffer holds both tasks."""
 

@@ -9,51 +9,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from clsuite import checkpoint, runner
+from clsuite import checkpoint
 from clsuite.checkpoint import META
 from clsuite.errors import UserError
-from clsuite.runner import record_path, resolve_config, run_one
+from clsuite.config import resolve_config
+from clsuite.records import record_path
+from clsuite.runner import run_one
 
-CLOCK = {"wall_seconds", "train_seconds", "eval_seconds", "sharpness_seconds", "provenance"}  # provenance: argv
-
-
-def comparable(path: Path) -> dict:
-    """A record without its wall-clock fields and provenance."""
-    def strip(x):
-        if isinstance(x, dict):
-            return {k: strip(v) for k, v in x.items() if k not in CLOCK}
-        return [strip(v) for v in x] if isinstance(x, list) else x
-    return strip(json.loads(path.read_text()))
+from conftest import Killed, comparable, interrupt_after_first
 
 
-class Killed(Exception):
-    """Stands for a kill right after the first experience's checkpoint."""
-
-
-def interrupt_after_first(monkeypatch, stream, cfg, out) -> Path:
-    """Run ``cfg`` until the checkpoint after experience 0 is written, then stop it; returns the checkpoint."""
-    real = runner.save_checkpoint
-
-    def save_then_die(path, ctx, result):
-        real(path, ctx, result)
-        raise Killed
-
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run_one(stream, cfg, out, progress=False)
-    monkeypatch.setattr(runner, "save_checkpoint", real)
-    ckpt = record_path(out, cfg).with_suffix(".ckpt")
-    assert json.loads((ckpt / META).read_text())["experience"] == 0
-    assert not record_path(out, cfg).exists()
-    return ckpt
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["naive", "sam", "ewc(samples=8)", "replay(general=0.5)", "wiseft", "lora",
                                   "lora(mode=merge)+wiseft", "sam+ewc(samples=8)+replay"])
 def test_resumed_run_equals_uninterrupted(spec, tiny_stream, tmp_path, monkeypatch):
@@ -132,6 +103,7 @@ def test_plugin_state_must_be_tensors_and_json():
     assert torch.equal(back["a"][0], torch.ones(2)) and back["a"][1] == [1, "x"] and back["b"] is None
 
 
+@pytest.mark.slow
 def test_sigkill_mid_experience_then_resume(tiny_stream, tiny_stream_path, tmp_path):
     """A real kill: SIGKILL the CLI while it trains experience 2 (index 1); ``--resume`` then writes the record of an
     uninterrupted run. The kill waits for the progress bar to show a step of that experience."""

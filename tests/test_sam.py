@@ -1,17 +1,21 @@
 """SAM/ASAM against hand computations: the update, the global norm, ASAM's scaling, the exact restore, two passes
-per step, EWC's penalty in the second pass, and gradient accumulation through the real engine loop."""
+per step, EWC's penalty in the second pass, and gradient accumulation through the real engine loop. Every step
+runs the engine's own closure (``clsuite.engine.make_closure``) on toy models whose language-model loss is a known
+function of their weights."""
 from __future__ import annotations
 
 import copy
 import random
+from types import SimpleNamespace
 
 from conftest import tiny_llama
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clsuite.config import RunConfig, TrainConfig
-from clsuite.engine import Context, train_experience
+from clsuite.engine import Context, make_closure, train_experience
 from clsuite.errors import UserError
 from clsuite.strategy import build_strategy
 
@@ -20,33 +24,56 @@ X = torch.tensor([[0.3, -1.2, 0.8], [1.1, 0.4, -0.5], [-0.7, 0.9, 0.2], [0.5, 0.
 Y = torch.tensor([0.4, -0.3, 0.9, 0.1], dtype=DT)
 
 
-def mlp_loss(W1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """A small non-quadratic objective of two parameter tensors (so ∇L(w + e) ≠ ∇L(w) + H e exactly)."""
+# One sequence of two tokens whose second is the only target: the engine's lm_loss of a ToyLM on it is softplus(z).
+BATCH = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2, dtype=torch.long),
+         "labels": torch.tensor([[-100, 1]])}
+
+
+class ToyLM(nn.Module):
+    """A causal-LM stand-in: logits [z, 0] at every position with z = ``self.z()``, so the cross-entropy of target
+    token 1 is softplus(z), a known function of the weights."""
+
+    def z(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> SimpleNamespace:
+        z = self.z()
+        return SimpleNamespace(logits=torch.stack([z, torch.zeros_like(z)]).expand(*input_ids.shape, 2))
+
+
+def mlp_z(W1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return ((torch.tanh(X.to(W1.dtype) @ W1) @ w2 - Y.to(W1.dtype)) ** 2).mean()
 
 
-class MLP(nn.Module):
+def mlp_loss(W1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """MLP's training objective: a non-quadratic function of two parameter tensors (so ∇L(w + e) ≠ ∇L(w) + H e
+    exactly)."""
+    return F.softplus(mlp_z(W1, w2))
+
+
+class MLP(ToyLM):
     def __init__(self, seed: int = 0, dtype: torch.dtype = DT):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.W1 = nn.Parameter(torch.randn(3, 4, generator=g, dtype=dtype))
         self.w2 = nn.Parameter(torch.randn(4, generator=g, dtype=dtype))
 
-    def forward(self) -> torch.Tensor:
-        return mlp_loss(self.W1, self.w2)
+    def z(self) -> torch.Tensor:
+        return mlp_z(self.W1, self.w2)
 
 
-class Linear2(nn.Module):
-    """L = 1000·(c1·a) + 0.001·(c2·b): constant gradients whose per-tensor norms differ by ~10⁶."""
+class Linear2(ToyLM):
+    """z = 1000·(c1·a) + 0.001·(c2·b): gradients s·1000·c1 and s·0.001·c2 (s = sigmoid(z), about 1/2 here, the
+    same factor for both) whose per-tensor norms differ by ~10⁶. SAM's perturbation does not depend on s."""
 
     def __init__(self):
         super().__init__()
-        self.a = nn.Parameter(torch.tensor([0.5, -2.0, 1.0], dtype=DT))
+        self.a = nn.Parameter(torch.tensor([0.5, -2.0, -1.75], dtype=DT))  # c1·a = 0: z near 0, s not saturated
         self.b = nn.Parameter(torch.tensor([3.0, -0.02], dtype=DT))
         self.c1 = torch.tensor([1.0, 2.0, -2.0], dtype=DT)
         self.c2 = torch.tensor([-3.0, 4.0], dtype=DT)
 
-    def forward(self) -> torch.Tensor:
+    def z(self) -> torch.Tensor:
         return 1000 * self.c1 @ self.a + 1e-3 * self.c2 @ self.b
 
 
@@ -60,26 +87,17 @@ def make_ctx(model: nn.Module, spec: str, lr: float = 0.1, steps: int = 10, step
     return ctx
 
 
-def closure_for(ctx: Context, calls: list) -> callable:
-    """The engine's closure for one micro-batch (see clsuite.engine.train_experience); records the weights
-    it is evaluated at."""
-    def closure() -> torch.Tensor:
-        calls.append([p.detach().clone() for p in ctx.trainable_parameters()])
-        ctx.optimizer.zero_grad(set_to_none=True)
-        loss = ctx.model()
-        for p in ctx.plugins:
-            term = p.before_backward(ctx)
-            if term is not None:
-                loss = loss + term
-        loss.backward()
-        return loss.detach()
-    return closure
-
-
 def sam_step(ctx: Context) -> tuple[torch.Tensor, list]:
+    """One optimizer step of the update rule on the engine's closure over BATCH; also the weights at each pass."""
     update = next(p for p in ctx.plugins if p.kind == "update")
+    closure = make_closure(ctx, [BATCH], [{"prompt": "", "target": ""}], ctx.trainable_parameters())
     calls: list = []
-    loss = update.optimizer_step(ctx, closure_for(ctx, calls))
+
+    def recorded() -> torch.Tensor:
+        calls.append([p.detach().clone() for p in ctx.trainable_parameters()])
+        return closure()
+
+    loss = update.optimizer_step(ctx, recorded)
     return loss, calls
 
 
@@ -112,7 +130,8 @@ def test_one_sam_step_matches_hand_computation():
     # the step is SAM's, not plain SGD's, and the loss reported is the one at w
     plain = [wi - lr * gi for wi, gi in zip(w0, g)]
     assert max(float((p.detach() - q).abs().max()) for p, q in zip(model.parameters(), plain)) > 1e-3
-    torch.testing.assert_close(loss, mlp_loss(*w0).detach(), atol=1e-12, rtol=0)
+    assert float(loss) == pytest.approx(float(mlp_loss(*w0)), abs=1e-6)  # the engine sums the loss in float32
+    assert ctx.example_passes == 2  # one example, two passes
 
 
 # --- (b) global norm --------------------------------------------------------------------------------------
@@ -178,12 +197,12 @@ def test_weights_restored_bit_for_bit_and_two_closure_calls():
 
 
 def test_non_finite_gradient_stops_without_touching_weights():
-    class Bad(nn.Module):
+    class Bad(ToyLM):
         def __init__(self):
             super().__init__()
             self.w = nn.Parameter(torch.tensor([0.0, 1.0], dtype=DT))
 
-        def forward(self):
+        def z(self):
             return self.w.sqrt().sum()  # d/dw sqrt(w) at 0 is inf
 
     model = Bad()
@@ -259,6 +278,7 @@ def _train(model, tok, spec: str, grad_accum: int, steps: int = 3) -> Context:
     return ctx
 
 
+@pytest.mark.slow
 def test_grad_accumulation_gives_same_weights_through_engine():
     model, tok = _tiny_lm()
     runs = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import clsuite.benchmarks.smollm2 as smol
+import clsuite.benchmarks.models.smollm2 as smol
 from clsuite.errors import UserError
 from clsuite.models import MODELS
 

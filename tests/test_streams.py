@@ -61,3 +61,109 @@ def test_bad_stream_files(tmp_path, body, match):
 def test_unknown_stream_name():
     with pytest.raises(UserError, match="did you mean 'tiny-synthetic'"):
         load_stream("tiny-synthetc")
+
+
+# --- strict schemas: a misspelt or mistyped key is refused, with the closest known key ---------------------------
+TASK = "{name: a, scorer: exact_match, source: {builder: tiny_task, skill: addition, n_train: 8, n_eval: 4}}"
+PROBE = "{name: p, category: general, scorer: exact_match, source: {builder: tiny_general, skill: copy, n_eval: 4}}"
+
+
+def _stream(tmp_path, top: str = "", task: str = TASK, probe: str = PROBE) -> str:
+    (tmp_path / "s.yaml").write_text(f"name: x\nmodel: tiny-synthetic-base\n{top}tasks:\n  - {task}\nprobes:\n"
+                                     f"  - {probe}\n")
+    return str(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"top": "trian: {steps: 1}\n"}, r"^stream s\.yaml: trian: unknown key; did you mean 'train'\? known: "),
+    ({"top": "train: {stpes: 1}\n"}, r"^stream s\.yaml: train\.stpes: unknown key; did you mean 'steps'\? known: "),
+    ({"top": "eval: {batch_sise: 4}\n"}, r"eval\.batch_sise: unknown key; did you mean 'batch_size'\?"),
+    ({"top": "general_data: {source: {builder: tiny_general_mix}, eval_sise: 2}\n"},
+     r"general_data\.eval_sise: unknown key; did you mean 'eval_size'\?"),
+    ({"task": TASK.replace("scorer", "eval_sise: 0.5, scorer")},
+     r"^stream s\.yaml, task 1 \(a\): eval_sise: unknown key; did you mean 'eval_size'\? known: answer, category"),
+    ({"probe": PROBE.replace("category", "categroy")},
+     r"^stream s\.yaml, probe 1 \(p\): categroy: unknown key; did you mean 'category'\?"),
+    ({"probe": "{name: p, lm_eval: {task: mmlu, num_fewshots: 5}}"},
+     r"probe 1 \(p\): lm_eval\.num_fewshots: unknown key; did you mean 'num_fewshot'\?"),
+    ({"probe": "{name: p, scorer: loglik, lm_eval: {task: mmlu}}"}, r"probe 1 \(p\): scorer: unknown key; known: "
+                                                                    r"category, lm_eval, name"),
+    ({"task": TASK.replace("skill", "skil")}, r"task 1 \(a\): source\.skil: unknown argument of data builder "
+                                              r"'tiny_task'; did you mean 'skill'\? it takes: skill, n_train, n_eval"),
+    ({"task": TASK.replace("skill: addition, ", "")}, r"source: data builder 'tiny_task' needs skill:"),
+    ({"task": TASK.replace("skill", "seed: 3, skill")}, r"source\.seed: unknown argument.*data_seed"),
+    ({"top": "data_seed: '7'\n"}, r"data_seed: Input should be a valid integer, got str '7'"),
+    ({"top": "chat_template: 'yes'\n"}, r"chat_template: Input should be a valid boolean"),
+    ({"top": "train: {steps: 0}\n"}, r"train\.steps: Input should be greater than or equal to 1"),
+    ({"task": TASK.replace("scorer", "max_eval: 0, scorer")}, r"max_eval: Input should be greater than or equal"),
+    ({"task": TASK.replace("scorer", "choices: c, scorer")}, r"'choices:'.*and 'answer:'.*go together"),
+    ({"task": "{name: a, scorer: exact_match, source: {split: train}}"}, r"source: names neither 'builder:'"),
+    ({"task": "{name: a, scorer: exact_match, source: tiny_task}"}, r"'source:' must be a mapping, got str"),
+    ({"task": "just-a-name"}, r"task 1: task must be a mapping, got str 'just-a-name'"),
+    ({"top": "description: [a]\n"}, r"description: Input should be a valid string"),
+])
+def test_typos_and_wrong_types_are_refused(tmp_path, change, match):
+    with pytest.raises(UserError, match=match) as e:
+        load_stream(_stream(tmp_path, **change))
+    assert "\n" not in str(e.value)
+
+
+def test_every_builder_gets_its_arguments_checked(tmp_path, monkeypatch):
+    """A third-party builder with no checks of its own: unknown and missing arguments are refused before it runs."""
+    from datasets import Dataset
+
+    from clsuite.streams import DATA_BUILDERS
+    calls = []
+
+    def rows(seed: int, n: int, *, word: str = "a") -> dict:
+        calls.append((seed, n, word))
+        return {"train": Dataset.from_dict({"prompt": [word] * n, "target": [word] * n})}
+
+    monkeypatch.setitem(DATA_BUILDERS._items, "test_rows", rows)
+    with pytest.raises(UserError, match=r"source\.wrod: unknown argument of data builder 'test_rows'; "
+                                        r"did you mean 'word'\? it takes: n, word"):
+        load_stream(_stream(tmp_path, task="{name: a, scorer: loglik, source: {builder: test_rows, n: 6, wrod: b}}"))
+    with pytest.raises(UserError, match=r"data builder 'test_rows' needs n:; it takes: n, word"):
+        load_stream(_stream(tmp_path, task="{name: a, scorer: loglik, source: {builder: test_rows}}"))
+    assert not calls
+    s = load_stream(_stream(tmp_path, top="data_seed: 3\n",
+                            task="{name: a, scorer: loglik, eval_size: 2, source: {builder: test_rows, n: 6}}"))
+    assert calls == [(3, 6, "a")] and len(s.tasks[0].train) == 4
+
+
+def _stream_files() -> list:
+    from pathlib import Path
+
+    from clsuite.streams import builtin_stream_files
+    data = Path(__file__).parent / "data"
+    return sorted(builtin_stream_files().values()) + sorted(data.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _stream_files(), ids=lambda p: p.name)
+def test_shipped_stream_files_fit_the_schema(path):
+    """Every built-in and test stream validates, and each builder source fits its builder's signature (no data read)."""
+    from clsuite import benchmarks  # noqa: F401  (registers the builders)
+    from clsuite.stream_schema import LmEvalProbeSpec, StreamSpec, TaskSpec
+    from clsuite.streams import DATA_BUILDERS, _check_arguments, _read_yaml
+    spec = StreamSpec.model_validate(_read_yaml(path))
+    entries = [LmEvalProbeSpec.model_validate(t) if "lm_eval" in t else TaskSpec.model_validate(t)
+               for t in (spec.tasks or []) + (spec.probes or [])]
+    sources = [e.source for e in entries if isinstance(e, TaskSpec)] + (
+        [spec.general_data.source] if spec.general_data else [])
+    for src in sources:
+        if src.builder is not None:
+            _check_arguments(DATA_BUILDERS.get(src.builder), src.builder, src.arguments(), path.name)
+    assert entries and spec.model
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_misspelt_key_with_exit_2(tmp_path):
+    import subprocess
+    import sys
+    path = _stream(tmp_path, top="trian: {steps: 1}\n")
+    r = subprocess.run([sys.executable, "-m", "clsuite.cli", "run", "--stream", path, "--out", str(tmp_path / "runs"),
+                        "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
+    assert "stream s.yaml: trian: unknown key; did you mean 'train'?" in r.stderr
+    assert not (tmp_path / "runs").exists()

@@ -8,23 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clsuite.cli import main
 from clsuite.records import find_records
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "sweep-tiny.yaml"
 HAS_RAY = importlib.util.find_spec("ray") is not None
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """clsuite's real entry point in-process (CliRunner calls the Typer app and would bypass main()'s exit codes)."""
-    def call(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["clsuite", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            main()
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
-    return call
 
 
 def write_grid(path: Path, doc) -> Path:
@@ -90,7 +77,7 @@ def test_missing_ray_names_the_install_command(cli, tmp_path, tiny_stream_path, 
 
 
 def test_expansion_tags_and_record_paths(tmp_path, tiny_stream_path):
-    from clsuite.runner import record_path
+    from clsuite.records import record_path
     from clsuite.sweep import expand, load_grid
     rel = os.path.relpath(tiny_stream_path, tmp_path)  # stream paths are relative to the grid file
     doc = tiny_grid(rel, strategies=["naive", "ewc"], seeds=[0, 1], set={"lr": [1.0e-3, "2e-3"], "steps": [1]},
@@ -119,6 +106,7 @@ def test_dry_run_of_the_example_runs_nothing(cli, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_failed_cells_do_not_stop_the_sweep_and_a_restart_skips_recorded_ones(cli, tmp_path, tiny_stream_path):
     doc = tiny_grid(tiny_stream_path, strategies=["naive", "sam(rho=1e30)"])
     grid, out, lb = write_grid(tmp_path / "g.yaml", doc), tmp_path / "runs", tmp_path / "lb"

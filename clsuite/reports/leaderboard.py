@@ -7,12 +7,14 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from .errors import UserError
-from .metrics import METRICS
-from .records import RunRecord, atomic_write_text, find_records, read_record, run_sharpness
+from ..atomic import write_text
+from ..errors import UserError
+from ..fingerprint import PARTS, config_digest, describe
+from ..metrics import METRICS, shown_metrics
+from ..records import RunRecord, find_records, read_record, run_sharpness
+from .plots import plot_trade_offs
 
 # Columns of the markdown table (the CSV keeps every metric).
-SHOWN = ("acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_loglik_retention", "probe_fg")
 COST = {"compute_multiplier": ("compute ×", False), "extra_memory_bytes": ("extra MiB", False)}
 
 
@@ -29,7 +31,28 @@ def load_records(paths: list[Path]) -> tuple[list[RunRecord], list[RunRecord]]:
             raise UserError(f"{seen[key]} and {f} are both {row_label(r.strategy, r.tag)} seed {r.seed} on "
                             f"{r.stream}: give each run once (pass only one of the directories)")
         seen[key] = f
+    _check_fingerprints(files, recs)
     return [r for r in recs if r.status == "complete"], [r for r in recs if r.status == "failed"]
+
+
+def _check_fingerprints(files: list[Path], recs: list[RunRecord]) -> None:
+    """Records ranked together must be of the same cell but for the seed: one data, scoring and schema per stream,
+    one config per row; a record without fingerprint (schema v1) must be migrated first."""
+    first: dict[tuple, tuple[Path, RunRecord, dict]] = {}
+    for f, r in zip(files, recs):
+        if r.fingerprint is None:
+            raise UserError(f"{f} is a schema v{r.schema_version} record without a fingerprint: run 'clsuite "
+                            f"migrate {f.parent}' if its data and scoring did not change since it was made, "
+                            "or re-run it")
+        fp = {**r.fingerprint, "config": config_digest(r.config)}  # its config validated: new settings at defaults
+        for key, parts in (((r.stream,), [p for p in PARTS if p != "config"]),
+                           ((r.stream, r.strategy, r.tag), ["config"])):
+            f0, r0, fp0 = first.setdefault(key, (f, r, fp))
+            odd = [p for p in parts if fp0.get(p) != fp.get(p)]
+            if odd:
+                what = f"{row_label(r.strategy, r.tag)}" if len(key) > 1 else f"stream {r.stream}"
+                raise UserError(f"{f0} and {f} ({what}) were made with other {describe(odd)}: re-run the stale "
+                                "one, or rank them apart")
 
 
 def row_label(strategy: str, tag: str) -> str:
@@ -67,12 +90,12 @@ def _cats(df: pd.DataFrame) -> list[str]:
 def aggregate(df: pd.DataFrame, sort_by: str = "acc") -> pd.DataFrame:
     """Mean and std over seeds per (stream, strategy, tag), ranked by ``sort_by`` in its better direction."""
     if sort_by not in METRICS:
-        raise UserError(f"cannot sort by {sort_by!r}: choose one of {', '.join(METRICS)}")
-    cols = [m for m in METRICS if m in df.columns] + _cats(df) + list(COST) + _sharp(df)
+        raise UserError(f"cannot sort by {sort_by!r}: choose one of {', '.join(METRICS.names())}")
+    cols = [m for m in METRICS.names() if m in df.columns] + _cats(df) + list(COST) + _sharp(df)
     g = df.groupby(["stream", "strategy", "tag"])
     out = g[cols].mean().join(g[cols].std(ddof=1).add_suffix("_std"))
     out.insert(0, "n", g.size())
-    out = out.sort_values(sort_by, ascending=not METRICS[sort_by].higher_is_better, na_position="last")
+    out = out.sort_values(sort_by, ascending=not METRICS.get(sort_by).higher_is_better, na_position="last")
     return out.reset_index()
 
 
@@ -87,8 +110,8 @@ def _escape(text: str) -> str:
 
 def to_markdown(agg: pd.DataFrame, digits: int = 3) -> str:
     headers, cols = ["rank", "strategy", "n"], []
-    for m in [m for m in SHOWN if m in agg.columns and agg[m].notna().any()]:  # e.g. no BWT with one task
-        arrow = "↑" if METRICS[m].higher_is_better else "↓"
+    for m in [m for m in shown_metrics() if m in agg.columns and agg[m].notna().any()]:  # e.g. no BWT with one task
+        arrow = "↑" if METRICS.get(m).higher_is_better else "↓"
         headers.append(f"{m} {arrow}")
         cols.append(m)
     cats = _cats(agg)
@@ -116,8 +139,10 @@ def to_markdown(agg: pd.DataFrame, digits: int = 3) -> str:
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def paired_effects(df: pd.DataFrame, plugin: str = "sam", metrics: tuple[str, ...] = SHOWN) -> pd.DataFrame:
-    """Effect of adding ``plugin``: per-seed differences (X+plugin minus X, same stream, tag and seed), mean ± std."""
+def paired_effects(df: pd.DataFrame, plugin: str = "sam", metrics: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """Effect of adding ``plugin``: per-seed differences (X+plugin minus X, same stream, tag and seed), mean ± std;
+    ``metrics``: the registry's shown metrics by default."""
+    metrics = shown_metrics() if metrics is None else metrics
     rows = []
     for (stream, strategy, tag), with_p in df.groupby(["stream", "strategy", "tag"]):
         parts = strategy.split("+")
@@ -136,40 +161,6 @@ def paired_effects(df: pd.DataFrame, plugin: str = "sam", metrics: tuple[str, ..
                 row[m] = f"{d.mean():+.3f} ± {d.std(ddof=1):.3f}" if len(d) > 1 else f"{d.mean():+.3f}"
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-TRADE_OFFS = {"forgetting": "forgetting ↓ (mean drop from best earlier score)",
-              "probe_retention": "probe retention ↑ (mean change of general-ability probes)"}
-
-
-def plot(agg: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> None:
-    """Task score against forgetting of the stream's tasks and of its probes: one panel each (when measured),
-    every run a dot, each strategy's mean ± seed std a bar, so strategies are compared at matched learning."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    xs = [x for x in TRADE_OFFS if x in agg and agg[x].notna().any()] or ["acc"]
-    fig, axes = plt.subplots(1, len(xs), figsize=(6.5 * len(xs), 5), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, x in zip(axes[0], xs):
-        for k, (_, r) in enumerate(agg.iterrows()):
-            c = colors[k % len(colors)]
-            mine = runs[(runs.strategy == r["strategy"]) & (runs.tag == r["tag"])]
-            ax.scatter(mine[x], mine["acc"], s=12, color=c, alpha=0.5)
-            many = r["n"] > 1
-            ax.errorbar(r[x], r["acc"], xerr=r.get(f"{x}_std") if many else None,
-                        yerr=r.get("acc_std") if many else None, fmt="o", capsize=3, color=c)
-            ax.annotate(f"{row_label(r['strategy'], r['tag'])} (n={int(r['n'])})", (r[x], r["acc"]),
-                        fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel(TRADE_OFFS.get(x, x))
-        ax.set_ylabel("ACC ↑ (mean final score over tasks)")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def publish(paths: list[Path], out_root: Path, sort_by: str = "acc") -> dict[str, str]:
@@ -197,8 +188,8 @@ def publish(paths: list[Path], out_root: Path, sort_by: str = "acc") -> dict[str
         note = f"\n\nFailed runs (not ranked): {', '.join(fails)}" if fails else ""
         text = (f"# Leaderboard: {_escape(stream)}\n\nMean ± std over seeds (n = runs). "
                 f"Ranked by {sort_by}. ↑ higher is better, ↓ lower is better.\n\n{md}{note}\n")
-        atomic_write_text(d / "leaderboard.md", text)
-        atomic_write_text(d / "leaderboard.csv", sub.to_csv(index=False))
-        plot(sub, runs, d / "leaderboard.png", f"{stream}: task score against forgetting")
+        write_text(d / "leaderboard.md", text)
+        write_text(d / "leaderboard.csv", sub.to_csv(index=False))
+        plot_trade_offs(sub, runs, d / "leaderboard.png", f"{stream}: task score against forgetting", row_label)
         tables[stream] = md
     return tables

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from clsuite.atomic import write_dir, write_json
 from clsuite.errors import UserError
 from clsuite.models import MODELS, cache_dir
 
@@ -66,10 +64,7 @@ def file_sha256(path: Path) -> str:
             h.update(chunk)
     digest = _hashes[key] = h.hexdigest()
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": digest}))
-        os.replace(tmp, memo)
+        write_json(memo, {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": digest})
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
     return digest
@@ -92,26 +87,15 @@ def convert(gguf: Path, dest: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / _DONE).write_text(json.dumps({"source": str(gguf), "dist": f"{DIST}=={VERSION}"}))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary folder
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / _DONE).exists():  # a stale, incomplete folder: replace it
-                shutil.rmtree(dest, ignore_errors=True)
-                os.rename(tmp, dest)
-            # else another process finished first; keep its copy
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # a folder without the marker is incomplete (an interrupted writer from before the atomic rename): replace
+    # it; otherwise a process that finished first keeps its copy
+    write_dir(dest, fill, replace=dest.exists() and not (dest / _DONE).exists())
 
 
 def load(path: Path | None = None) -> tuple[Any, Any]:

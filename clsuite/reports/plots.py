@@ -1,13 +1,10 @@
-"""PNG plots of loss surfaces from :mod:`clsuite.flatness` (matplotlib ``Figure`` + Agg canvas, no pyplot state).
-
-A surface is the dict returned by ``loss_surface_2d`` (``alphas``, ``betas``, ``loss[i, j] = f(alphas[i],
-betas[j])``, ``base_loss``) or ``loss_surface_1d`` (``alphas``, ``loss``).
-"""
+"""PNG plots (matplotlib ``Figure`` + Agg canvas, no pyplot state): loss surfaces, the sharpness-forgetting
+scatter grid, and the leaderboard's trade-off panels. Every file is written atomically."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -15,21 +12,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
 
-__all__ = ["plot_surface", "plot_surfaces_side_by_side"]
+from ..atomic import save_figure
 
 _LEVELS = 30
 
 
-def _new_figure(figsize: tuple[float, float]) -> Figure:
-    fig = Figure(figsize=figsize, dpi=110)
+def _new_figure(figsize: tuple[float, float], dpi: int = 110) -> Figure:
+    fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def _grid(surface: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,3 +113,62 @@ def plot_surfaces_side_by_side(surfaces: Mapping[str, Mapping[str, Any]], path: 
     fig.colorbar(cf, ax=list(axes), label="loss")
     fig.suptitle(title)
     return _save(fig, Path(path))
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A number for a table or title: 3 decimals, 3 significant digits below 1e-3, "" when missing."""
+    return "" if x is None or not math.isfinite(x) else f"{x:.{digits}g}" if abs(x) < 1e-3 else f"{x:.{digits}f}"
+
+
+def scatter_grid(df: Any, sharp: list[str], forget: list[str], pairs: list[dict], path: Path, prefix: str) -> None:
+    """One scatter panel per (sharpness, forgetting) pair, points coloured by strategy, n and ρ in the title."""
+    strategies = sorted(df["strategy"].unique())
+    colours = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
+    fig = _new_figure((3.3 * len(forget), 2.9 * len(sharp)), dpi=100)
+    axes = fig.subplots(len(sharp), len(forget), squeeze=False)
+    by_pair = {(p["sharpness"], p["metric"]): p for p in pairs}
+    for i, s in enumerate(sharp):
+        for j, m in enumerate(forget):
+            ax, p = axes[i][j], by_pair[(s, m)]
+            for strat in strategies:
+                sub = df[(df["strategy"] == strat) & df[s].notna() & df[m].notna()]
+                ax.scatter(sub[s], sub[m], s=18, color=colours[strat], label=strat)
+            within = f", within ρ={fmt(p['within_spearman'], 2)}" if math.isfinite(p["within_spearman"]) else ""
+            ax.set_title(f"n={p['n']}, ρ={fmt(p['spearman'], 2) or 'n/a'}{within}", fontsize=9)
+            ax.set_xlabel(s.removeprefix(prefix), fontsize=8)
+            ax.set_ylabel(m, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(strategies), 5), fontsize=8,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    save_figure(fig, path)
+
+
+TRADE_OFFS = {"forgetting": "forgetting ↓ (mean drop from best earlier score)",
+              "probe_retention": "probe retention ↑ (mean change of general-ability probes)"}
+
+
+def plot_trade_offs(agg: Any, runs: Any, path: Path, title: str, label: Callable[[str, str], str]) -> None:
+    """Task score against forgetting of the stream's tasks and of its probes: one panel each (when measured),
+    every run a dot, each strategy's mean ± seed std a bar, so strategies are compared at matched learning."""
+    xs = [x for x in TRADE_OFFS if x in agg and agg[x].notna().any()] or ["acc"]
+    fig = _new_figure((6.5 * len(xs), 5), dpi=120)
+    axes = fig.subplots(1, len(xs), squeeze=False)
+    for ax, x in zip(axes[0], xs):
+        for k, (_, r) in enumerate(agg.iterrows()):
+            c = f"C{k % 10}"
+            mine = runs[(runs.strategy == r["strategy"]) & (runs.tag == r["tag"])]
+            ax.scatter(mine[x], mine["acc"], s=12, color=c, alpha=0.5)
+            many = r["n"] > 1
+            ax.errorbar(r[x], r["acc"], xerr=r.get(f"{x}_std") if many else None,
+                        yerr=r.get("acc_std") if many else None, fmt="o", capsize=3, color=c)
+            ax.annotate(f"{label(r['strategy'], r['tag'])} (n={int(r['n'])})", (r[x], r["acc"]),
+                        fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(TRADE_OFFS.get(x, x))
+        ax.set_ylabel("ACC ↑ (mean final score over tasks)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
