@@ -97,6 +97,34 @@ def _check_rows(task, probe: bool) -> None:
             assert 0 <= row["answer"] < len(row["choices"]) and row["target"] == row["choices"][row["answer"]]
 
 
+def _stream_uses() -> tuple[set[str], set[str]]:
+    """The data builders and models the built-in streams name (tested through them above)."""
+    builders, models = set(), set()
+    for path in STREAMS.values():
+        doc = _read_yaml(path)
+        models.add(doc["model"])
+        entries = (doc.get("tasks") or []) + (doc.get("probes") or []) + [doc.get("general_data") or {}]
+        builders |= {e["source"]["builder"] for e in entries if "builder" in e.get("source", {})}
+    return builders, models
+
+
+# built-in builders no built-in stream names yet, and the test of their own
+OWN_TESTS = {"humaneval_completion": "tests/test_real_data.py"}
+
+
+@pytest.mark.parametrize("registry", ["builder", "model"])
+def test_every_builtin_builder_and_model_is_exercised_by_a_builtin_stream(registry):
+    """A built-in data builder or model that no built-in stream names would go untested by the stream tests: give it a
+    stream (or a test of its own and an entry here)."""
+    from clsuite.models import MODELS
+    from clsuite.streams import DATA_BUILDERS
+    reg = {"builder": DATA_BUILDERS, "model": MODELS}[registry]
+    builtin = {n for n, obj in reg.items() if getattr(obj, "__module__", "").startswith("clsuite.benchmarks")}
+    used = _stream_uses()[registry == "model"] | set(OWN_TESTS)
+    assert builtin, f"no built-in {registry} found"
+    assert builtin <= used, f"built-in {registry}s no built-in stream names: {sorted(builtin - used)}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(STREAMS))
 def test_builtin_stream_loads_and_runs_one_step(name, tmp_path, monkeypatch):
