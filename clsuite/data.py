@@ -7,23 +7,30 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 
-def prompt_text(tok: Any, prompt: str, chat: bool) -> str:
-    """The text the model sees before its answer: the chat template when the stream asks for it."""
+
+def prompt_text(tok: Any, prompt: str, chat: bool, bos: bool = True) -> str:
+    """The text the model sees before its answer: ``prompt`` after the tokenizer's BOS (``bos=False``: without it),
+    or the chat template when the stream asks for it (its BOS as the template writes it; ``bos=False`` drops it)."""
+    start = tok.bos_token or ""
     if chat:
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                        add_generation_prompt=True)
-    return (tok.bos_token or "") + prompt
+        return text[len(start):] if not bos and start and text.startswith(start) else text
+    return (start if bos else "") + prompt
 
 
-def encode_pair(tok: Any, prompt: str, target: str, chat: bool, max_length: int,
-                eos: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of prompt and target, tokenized apart so training and scoring see the same split.
-
-    The prompt is cut from the left when the pair is longer than ``max_length``.
+def encode_pair(tok: Any, prompt: str, target: str, chat: bool, max_length: int, eos: bool = True,
+                bos: bool = True, target_delimiter: str = "") -> tuple[list[int], list[int]]:
+    """Token ids of prompt and ``target_delimiter + target``, tokenized apart so training and scoring see the same
+    split (``bos``: see ``prompt_text``). The prompt is cut from the left when the pair is longer than ``max_length``.
     """
-    p = tok(prompt_text(tok, prompt, chat), add_special_tokens=False)["input_ids"]
-    t = tok(target, add_special_tokens=False)["input_ids"]
+    p = tok(prompt_text(tok, prompt, chat, bos), add_special_tokens=False)["input_ids"]
+    if not p and not bos:
+        raise UserError(f"prompt {prompt!r:.40} is empty and bos: false leaves no token to predict the answer from; "
+                        "give the rows a prompt or set bos: true")
+    t = tok(target_delimiter + target, add_special_tokens=False)["input_ids"]
     if eos and tok.eos_token_id is not None:
         t = t + [tok.eos_token_id]
     t = t[:max_length - 1]
@@ -31,9 +38,11 @@ def encode_pair(tok: Any, prompt: str, target: str, chat: bool, max_length: int,
     return p, t
 
 
-def collate(tok: Any, examples: list[dict], chat: bool, max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels = -100 on prompt and padding."""
-    pairs = [encode_pair(tok, e["prompt"], e["target"], chat, max_length) for e in examples]
+def collate(tok: Any, examples: list[dict], chat: bool, max_length: int, bos: bool = True,
+            target_delimiter: str = "") -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels = -100 on prompt and padding (``bos``, ``target_delimiter``: see encode_pair)."""
+    pairs = [encode_pair(tok, e["prompt"], e["target"], chat, max_length, bos=bos, target_delimiter=target_delimiter)
+             for e in examples]
     width = max(len(p) + len(t) for p, t in pairs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(pairs), width), pad, dtype=torch.long)

@@ -49,8 +49,11 @@ class Context:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        chat = self.task.chat if self.task is not None else self.stream.chat
-        return collate(self.tokenizer, examples, chat, self.config.train.max_length)
+        """A training batch, in the format the current task is scored in (its chat, BOS and delimiter settings)."""
+        if self.task is None:
+            return collate(self.tokenizer, examples, self.stream.chat, self.config.train.max_length)
+        return collate(self.tokenizer, examples, self.task.chat, self.config.train.max_length,
+                       **self.task.conventions())
 
     def loss(self, examples: list[dict], reduction: str = "mean") -> torch.Tensor:
         """The task loss of ``examples`` under the current model (used by plugins, e.g. EWC's Fisher)."""
@@ -191,7 +194,7 @@ def evaluate(ctx: Context, tasks: list[Task]) -> dict[str, dict[str, float]]:
             continue
         rows = t.eval if ecfg.max_examples is None else t.eval.select(range(min(len(t.eval), ecfg.max_examples)))
         out[t.name] = score(t.scorer, ctx.model, ctx.tokenizer, list(rows), t.chat, ecfg.max_length,
-                            ecfg.batch_size)
+                            ecfg.batch_size, **t.conventions())
     return out
 
 

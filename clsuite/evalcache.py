@@ -1,7 +1,8 @@
 """Row 0 (the model before training) is the same for every strategy and seed of a stream: evaluate it once.
 
 The cache key is a hash of everything row 0 depends on: the weights as loaded (their bytes), the evaluation
-settings, and each task's and probe's scorer (with its settings), prompt format and evaluation rows. Entries are
+settings, and each task's and probe's scorer (with its settings and its bos/target_delimiter conventions), prompt
+format and evaluation rows. Entries are
 JSON files under ``<out>/<stream>/.initial/`` (hidden, so record discovery skips them), written atomically.
 """
 from __future__ import annotations

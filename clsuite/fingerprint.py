@@ -11,7 +11,7 @@ import pydantic
 
 from .config import RunConfig
 from .errors import UserError
-from .scoring import SCORERS
+from .scoring import CONVENTIONS, SCORERS
 
 if TYPE_CHECKING:
     from .streams import Stream, Task
@@ -59,11 +59,16 @@ def eval_set(task: Task) -> dict[str, Any]:
 
 
 def scorer_settings(task: Task) -> dict[str, Any]:
-    """The scorer of a task or probe: its registered name and its ``settings`` (none today)."""
+    """The scorer of a task or probe: its registered name and ``settings``: the scorer's own, and the task's
+    conventions with its name when they are not the defaults (so records made before they existed still match)."""
     if getattr(task, "lm_eval", None) is not None:  # scored by lm-eval, whose settings are part of eval_data
         return {"name": "lm_eval", "settings": {}}
     s = SCORERS.get(task.scorer)
-    return {"name": getattr(s, "name", task.scorer), "settings": getattr(s, "settings", None) or {}}
+    settings = dict(getattr(s, "settings", None) or {})
+    conventions = {k: getattr(task, k, v) for k, v in CONVENTIONS.items()}
+    if conventions != CONVENTIONS:  # named by task: the scoring part is a set over the tasks' settings
+        settings.update(conventions, task=task.name)
+    return {"name": getattr(s, "name", task.scorer), "settings": settings}
 
 
 def config_digest(config: RunConfig | dict[str, Any]) -> str:

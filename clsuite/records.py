@@ -88,6 +88,7 @@ def new_record(cfg: RunConfig, stream: Stream, tag: str = "") -> dict[str, Any]:
         "seed": cfg.seed, "model": cfg.model, "config": cfg.model_dump(),
         "tasks": [t.name for t in stream.tasks], "probes": [p.name for p in stream.probes],
         "probe_categories": {p.name: p.category for p in stream.probes}, "fingerprint": cell_fingerprint(cfg, stream),
+        "scoring": {t.name: t.scoring() for t in stream.tasks + stream.probes},  # scorer, bos, target_delimiter
         **({"tag": tag} if tag else {}),  # a sweep cell's hyper-parameters: its own leaderboard row
     }
 

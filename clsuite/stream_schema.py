@@ -105,6 +105,10 @@ class TaskSpec(DataSpec):
     max_eval: int | None = Field(None, ge=1, description="first N eval rows scored (None: all)")
     chat_template: bool | None = Field(None, description="format prompts with the chat template; default: the "
                                                          "stream's chat_template")
+    bos: bool | None = Field(None, description="scoring: the tokenizer's BOS before plain prompts (chat: false drops "
+                                               "the template's leading BOS); default: the stream's bos")
+    target_delimiter: str | None = Field(None, description="scoring: text between prompt and each target or choice "
+                                                           "(lm-eval's is ' '); default: the stream's")
 
 
 class LmEvalProbeSpec(_Strict):
@@ -122,6 +126,8 @@ class StreamSpec(_Strict):
     include: Any = Field(None, description="files merged under this one (read before validation)")
     model: str = Field(min_length=1, description="a model id, path or registered model, as `clsuite list models` shows")
     chat_template: bool = False
+    bos: bool = Field(True, description="default of the tasks' and probes' bos: (docs/lm-eval.md)")
+    target_delimiter: str = Field("", description="default of the tasks' and probes' target_delimiter:")
     data_seed: int = Field(0, ge=0, le=2**32 - 1)
     train: TrainBlock | None = None  # type: ignore[valid-type]
     eval: EvalBlock | None = None  # type: ignore[valid-type]

@@ -33,6 +33,16 @@ class Task:
     category: str = ""
     chat: bool = False  # format prompts with the tokenizer's chat template
     lm_eval: Any = None  # a probe scored by lm-evaluation-harness (clsuite.lm_eval_probe.LmEvalProbe); eval is empty
+    bos: bool = True  # scoring: the tokenizer's BOS before plain prompts (clsuite.data.prompt_text)
+    target_delimiter: str = ""  # scoring: text between the prompt and each target or choice
+
+    def conventions(self) -> dict[str, Any]:
+        """How its scorer joins prompt and answer: ``{"bos", "target_delimiter"}`` (none for an lm-eval probe)."""
+        return {} if self.lm_eval is not None else {"bos": self.bos, "target_delimiter": self.target_delimiter}
+
+    def scoring(self) -> dict[str, Any]:
+        """What a record says of its scoring: ``{"scorer", "bos", "target_delimiter"}``."""
+        return {"scorer": self.scorer, **self.conventions()}
 
 
 @dataclass
@@ -210,7 +220,8 @@ def _entry_where(where: str, entry: Any) -> str:
     return f"{where} ({name:.40})" if name.isprintable() else f"{where} ({name!r:.40})"
 
 
-def _build_task(entry: Any, seed: int, probe: bool, where: str, chat: bool = False) -> Task:
+def _build_task(entry: Any, seed: int, probe: bool, where: str, chat: bool = False,
+                conventions: dict[str, Any] | None = None) -> Task:
     where = _entry_where(where, entry)
     if isinstance(entry, dict) and "lm_eval" in entry:
         if not probe:
@@ -218,13 +229,15 @@ def _build_task(entry: Any, seed: int, probe: bool, where: str, chat: bool = Fal
                             "probes:")
         return _lm_eval_task(_validated(LmEvalProbeSpec, entry, where, "probe"), entry, where)
     spec: TaskSpec = _validated(TaskSpec, entry, where, "probe" if probe else "task")
-    from .scoring import SCORERS
-    SCORERS.get(spec.scorer)
+    from .scoring import CONVENTIONS, check_conventions
+    defaults = conventions or CONVENTIONS  # the stream's bos:/target_delimiter:
+    conv = {k: defaults[k] if getattr(spec, k) is None else getattr(spec, k) for k in CONVENTIONS}
+    check_conventions(spec.scorer, conv, where)  # also: the scorer exists
     tr, ev = _splits(spec, seed, probe, where)
     if spec.max_eval is not None:
         ev = ev.select(range(min(len(ev), spec.max_eval)))
     return Task(spec.name, tr, ev, spec.scorer, spec.category,
-                chat if spec.chat_template is None else spec.chat_template)
+                chat if spec.chat_template is None else spec.chat_template, **conv)
 
 
 def _lm_eval_task(spec: LmEvalProbeSpec, entry: dict, where: str) -> Task:
@@ -241,10 +254,12 @@ def load_stream(name_or_path: str) -> Stream:
     where = f"stream {path.name}"
     spec: StreamSpec = _validated(StreamSpec, doc, where, "stream file")
     name, seed, chat = spec.name or path.stem, spec.data_seed, spec.chat_template
-    tasks = [_build_task(t, seed, False, f"{where}, task {i + 1}", chat) for i, t in enumerate(spec.tasks or [])]
+    conv = {"bos": spec.bos, "target_delimiter": spec.target_delimiter}
+    tasks = [_build_task(t, seed, False, f"{where}, task {i + 1}", chat, conv) for i, t in enumerate(spec.tasks or [])]
     if not tasks:
         raise UserError(f"stream {name} ({path}) has no tasks: add a 'tasks:' list")
-    probes = [_build_task(t, seed, True, f"{where}, probe {i + 1}", chat) for i, t in enumerate(spec.probes or [])]
+    probes = [_build_task(t, seed, True, f"{where}, probe {i + 1}", chat, conv)
+              for i, t in enumerate(spec.probes or [])]
     names = [t.name for t in tasks + probes]
     if len(set(names)) != len(names):
         raise UserError(f"{where}: task and probe names must be unique, got {names}")

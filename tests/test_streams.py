@@ -81,7 +81,7 @@ def _stream(tmp_path, top: str = "", task: str = TASK, probe: str = PROBE) -> st
     ({"top": "general_data: {source: {builder: tiny_general_mix}, eval_sise: 2}\n"},
      r"general_data\.eval_sise: unknown key; did you mean 'eval_size'\?"),
     ({"task": TASK.replace("scorer", "eval_sise: 0.5, scorer")},
-     r"^stream s\.yaml, task 1 \(a\): eval_sise: unknown key; did you mean 'eval_size'\? known: answer, category"),
+     r"^stream s\.yaml, task 1 \(a\): eval_sise: unknown key; did you mean 'eval_size'\? known: answer, bos, category"),
     ({"probe": PROBE.replace("category", "categroy")},
      r"^stream s\.yaml, probe 1 \(p\): categroy: unknown key; did you mean 'category'\?"),
     ({"probe": "{name: p, lm_eval: {task: mmlu, num_fewshots: 5}}"},

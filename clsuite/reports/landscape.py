@@ -73,7 +73,7 @@ def fixed_batch_loss(stream: Any, task: Any, source: str, data: Any, n: int
     net, tok = load_model(source)
     train = validated(TrainConfig, stream.train, f"training settings of stream {stream.name}")
     rows = first_rows(data, n)
-    batch = collate(tok, rows, task.chat, train.max_length)
+    batch = collate(tok, rows, task.chat, train.max_length, **task.conventions())
     return net, (lambda: lm_loss(net, batch)), [p for p in net.parameters() if p.requires_grad], rows
 
 
