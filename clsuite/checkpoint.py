@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pydantic
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save
 from .atomic import write_bytes, write_json
 from .config import RunConfig
 from .errors import UserError
-from .fingerprint import FingerprintMismatch, describe, differing
+from .fingerprint import FingerprintMismatch, describe, stale_parts
 from .records import cell_fingerprint
 
 if TYPE_CHECKING:
@@ -90,8 +89,9 @@ def save_checkpoint(path: Path, ctx: Context, result: dict[str, Any]) -> None:
             f.unlink()
 
 
-def load_checkpoint(path: Path, cfg: RunConfig, stream: Stream) -> Checkpoint:
-    """Read the checkpoint in ``path``; a UserError if it is unreadable or was written by a run of other settings."""
+def load_checkpoint(path: Path, cfg: RunConfig, stream: Stream, fp: dict[str, str] | None = None) -> Checkpoint:
+    """Read the checkpoint in ``path``; a UserError if it is unreadable, a FingerprintMismatch if it was written for
+    another cell (``fp``: this cell's fingerprint, computed when not given)."""
     path = Path(path)
     try:
         meta = json.loads((path / META).read_text())
@@ -102,17 +102,11 @@ def load_checkpoint(path: Path, cfg: RunConfig, stream: Stream) -> Checkpoint:
     wrong = [k for k, t in _META_TYPES.items() if not isinstance(meta.get(k), t)]
     if wrong:
         raise UserError(f"checkpoint {path} is incomplete or damaged ({META} lacks a valid {wrong[0]!r}); {_FIX}")
-    want = _identity(cfg, stream)
-    try:  # validated, so settings added to clsuite since the checkpoint compare at their defaults
-        same = RunConfig.model_validate(meta.get("config")) == cfg
-    except pydantic.ValidationError:
-        same = False
-    if not same or meta.get("tasks") != want["tasks"] or meta.get("probes") != want["probes"]:
-        raise UserError(f"checkpoint {path} was written by a run with other settings; run with --force to start "
-                        "over, or use another --out")
     if "fingerprint" not in meta:
         raise UserError(f"checkpoint {path} was written before checkpoints had fingerprints; {_FIX}")
-    parts = differing(meta["fingerprint"], want["fingerprint"], meta["config"])
+    # the config part is recomputed from the stored config validated now: new settings compare at their defaults
+    parts = stale_parts(meta["fingerprint"], meta["config"], fp or cell_fingerprint(cfg, stream),
+                        meta["config"].get("seed") != cfg.seed)
     if parts:
         raise FingerprintMismatch(f"checkpoint {path} was made with other {describe(parts)}; {_FIX}", parts)
     return Checkpoint(path, meta)
@@ -165,9 +159,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def _identity(cfg: RunConfig, stream: Stream) -> dict[str, Any]:
+def _identity(cfg: RunConfig, stream: Stream, fp: dict[str, str] | None = None) -> dict[str, Any]:
     return {"config": cfg.model_dump(), "tasks": [t.name for t in stream.tasks],
-            "probes": [p.name for p in stream.probes], "fingerprint": cell_fingerprint(cfg, stream)}
+            "probes": [p.name for p in stream.probes], "fingerprint": fp or cell_fingerprint(cfg, stream)}
 
 
 def _py_state(state: tuple) -> list:

@@ -114,6 +114,16 @@ def differing(old: dict[str, Any] | None, new: dict[str, Any], config: dict[str,
     return [p for p in PARTS if old.get(p) != new.get(p)]
 
 
+def stale_parts(old: dict[str, Any] | None, old_config: dict[str, Any] | None, new: dict[str, Any],
+                seed_differs: bool) -> list[str]:
+    """The parts in which a stored record's or checkpoint's fingerprint differs from this cell's; a different seed
+    (no part of the fingerprint, but of the cell) counts as ``config``."""
+    parts = differing(old, new, old_config)
+    if seed_differs and "config" not in parts:
+        parts = sorted([*parts, "config"], key=PARTS.index)
+    return parts
+
+
 def describe(parts: list[str]) -> str:
     """``eval_data (the evaluation items changed)``, parts joined with ``and``."""
     return " and ".join(f"{p} ({WHY[p]})" for p in parts)

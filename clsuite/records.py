@@ -81,13 +81,13 @@ def record_path(out: Path, cfg: RunConfig, tag: str = "") -> Path:
     return (base / slug(tag) if tag else base) / f"seed{cfg.seed}.json"
 
 
-def new_record(cfg: RunConfig, stream: Stream, tag: str = "") -> dict[str, Any]:
+def new_record(cfg: RunConfig, stream: Stream, tag: str = "", fp: dict[str, str] | None = None) -> dict[str, Any]:
     """The part of a record known before the run: what was run, on what, and its fingerprint."""
     return {
         "schema_version": SCHEMA_VERSION, "status": "complete", "stream": cfg.stream, "strategy": cfg.strategy,
         "seed": cfg.seed, "model": cfg.model, "config": cfg.model_dump(),
         "tasks": [t.name for t in stream.tasks], "probes": [p.name for p in stream.probes],
-        "probe_categories": {p.name: p.category for p in stream.probes}, "fingerprint": cell_fingerprint(cfg, stream),
+        "probe_categories": {p.name: p.category for p in stream.probes}, "fingerprint": fp or cell_fingerprint(cfg, stream),
         "scoring": {t.name: t.scoring() for t in stream.tasks + stream.probes},  # scorer, bos, target_delimiter
         **({"tag": tag} if tag else {}),  # a sweep cell's hyper-parameters: its own leaderboard row
     }

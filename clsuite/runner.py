@@ -13,7 +13,7 @@ from .config import RunConfig
 from .engine import Context, RunHooks, run_stream, set_seed
 from .errors import DivergenceError, UserError
 from .evalcache import cache_path, initial_key, load_initial, save_initial
-from .fingerprint import PARTS, FingerprintMismatch, describe, differing
+from .fingerprint import FingerprintMismatch, describe, stale_parts
 from .models import load_model
 from .provenance import provenance
 from .records import cell_fingerprint, failed_record, fill_record, new_record, read_record, record_path
@@ -45,21 +45,20 @@ def _recorded(path: Path, cfg: RunConfig, save: bool, fp: dict[str, str]) -> boo
         raise UserError(f"{path} was made before records had fingerprints (schema v{old.schema_version}): run "
                         f"'clsuite migrate {path.parent}' if its data and scoring did not change since, or re-run it "
                         "with --force")
-    parts = differing(old.fingerprint, fp, old.config)  # its config validated: new settings at their defaults
-    if old.seed != cfg.seed and "config" not in parts:  # the seed is no part of the fingerprint, but of the cell
-        parts = sorted([*parts, "config"], key=PARTS.index)
+    parts = stale_parts(old.fingerprint, old.config, fp, old.seed != cfg.seed)  # new settings at their defaults
     if parts:
         raise FingerprintMismatch(f"{path} was made with other {describe(parts)}: re-run with --force, or remove "
                                   "it (or use another --out)", parts)
     return old.status == "complete" and (path.with_suffix(".model").exists() or not save)
 
 
-def _checkpoint(ckpt_dir: Path, cfg: RunConfig, stream: Stream, resume: bool, force: bool) -> Checkpoint | None:
+def _checkpoint(ckpt_dir: Path, cfg: RunConfig, stream: Stream, resume: bool, force: bool,
+                fp: dict[str, str]) -> Checkpoint | None:
     """The checkpoint to resume from, if any; an interrupted run without --resume or --force is an error."""
     if not has_checkpoint(ckpt_dir):
         return None
     if resume:
-        return load_checkpoint(ckpt_dir, cfg, stream)
+        return load_checkpoint(ckpt_dir, cfg, stream, fp)
     if not force:
         raise UserError(f"{ckpt_dir} holds an interrupted run of this cell: add --resume to continue it, "
                         "or --force to start it over")
@@ -97,7 +96,7 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
         if dist.is_main():  # left by a kill between writing the record and deleting the checkpoint
             remove_checkpoint(ckpt_dir)
         return path
-    ckpt = _checkpoint(ckpt_dir, cfg, stream, resume, force)
+    ckpt = _checkpoint(ckpt_dir, cfg, stream, resume, force, fp)
     set_seed(cfg.seed)
     plugins = build_strategy(cfg.strategy)
     t0 = time.perf_counter()
@@ -105,7 +104,7 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
         model, tok = load_model(cfg.model)
     model.to(dist.device())  # this rank's GPU under nccl, the CPU under gloo; one process: the GPU if any
     ctx = Context(model, tok, stream, cfg, plugins, random.Random(cfg.seed))
-    record = new_record(cfg, stream, tag)
+    record = new_record(cfg, stream, tag, fp)
     cache = None  # row 0 is shared by every strategy and seed: evaluated once per weights and eval settings
     if ckpt is None and dist.is_main():
         cache = cache_path(out, cfg.stream, initial_key(model, tok, stream, cfg.eval))

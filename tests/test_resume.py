@@ -80,7 +80,7 @@ def test_checkpoint_of_other_settings_or_without_resume(tiny_stream, tmp_path, m
     cfg = resolve_config(tiny_stream, "naive", 0)
     ckpt = interrupt_after_first(monkeypatch, tiny_stream, cfg, tmp_path)
     other = resolve_config(tiny_stream, "naive", 0, train={"lr": 1e-5})
-    with pytest.raises(UserError, match=r"other settings; run with --force"):
+    with pytest.raises(UserError, match=r"was made with other config \(other settings: .*\); delete it, or run with --force"):
         run_one(tiny_stream, other, tmp_path, progress=False, resume=True)
     with pytest.raises(UserError, match=r"interrupted run of this cell: add --resume"):
         run_one(tiny_stream, cfg, tmp_path, progress=False)
