@@ -30,8 +30,16 @@ demo: setup
 	$(DEMO_RUN) --strategies '$(DEMO_STRATEGIES)' --seeds $(DEMO_SEEDS)
 	$(DEMO_RUN) --strategies '$(DEMO_COMBINED)' --seeds 0 --leaderboard leaderboards/demo
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
+
+# Chromium and its driver for the browser test of `clsuite site` (tests/test_site.py), from the Debian mirror.
+.PHONY: browser
+browser:
+	@command -v chromedriver >/dev/null || { command -v apt-get >/dev/null || { echo "no apt-get: install chromium \
+	and chromedriver yourself (tests/test_site.py skips its browser test without them)"; exit 0; }; \
+	SUDO=$$(test "$$(id -u)" = 0 || echo sudo); $$SUDO apt-get update -q && \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 # the suite without the tests marked slow (pytest.mark.slow: over ~3 s alone, or a long generated grid)
 test-fast: setup

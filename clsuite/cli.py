@@ -1,5 +1,5 @@
-"""The ``clsuite`` command line: run, sweep, migrate, list, leaderboard, show, landscape, landscape-compare,
-correlate."""
+"""The ``clsuite`` command line: run, sweep, tune, migrate, list, leaderboard, site, export, show, landscape,
+landscape-compare, correlate."""
 from __future__ import annotations
 
 import json
@@ -133,13 +133,49 @@ def sweep(
 
 
 @app.command()
+def tune(
+    grid: Path = typer.Argument(..., help="tuning grid YAML: per-strategy spaces, tuning_seeds, test_seeds, rule"),
+    out: Path = typer.Option(Path("runs/tune"), help="val/ and test/ records and <stream>/selected.yaml go here"),
+    test_seeds: Optional[str] = typer.Option(None, help="comma-separated test seeds (default: the grid's "
+                                             "test_seeds); disjoint from its tuning_seeds"),
+    backend: str = typer.Option("local", help="local | ray, as for clsuite sweep"),
+    workers: Optional[int] = typer.Option(None, help="local: parallel processes (default 1: in-process); "
+                                          "ray: runs at once on the local cluster it starts"),
+    address: Optional[str] = typer.Option(None, help="ray: an existing cluster, e.g. auto (default: start one)"),
+    cpus_per_run: Optional[int] = typer.Option(None, help="ray: CPUs (and torch threads) per run (default 1)"),
+    gpus_per_run: Optional[float] = typer.Option(None, help="ray: GPUs per run, fractions allowed (default 0)"),
+    leaderboard: Optional[Path] = typer.Option(None, help="also publish the protocol leaderboard under this directory"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Select each strategy's setting on validation, then run it on the test seeds (docs/protocol.md); resumable."""
+    from .sweep import check_options, run_cells
+    from .tune import run_tune
+    _quiet_libraries(quiet)
+    check_options(backend, workers, address, cpus_per_run, gpus_per_run)
+    seeds = None
+    if test_seeds is not None:
+        try:
+            seeds = [int(s) for s in test_seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--test-seeds {test_seeds!r}: give comma-separated integers, e.g. 0,1,2,3,4") from None
+    written = run_tune(grid, out, seeds, lambda cells: run_cells(cells, backend, workers, address, cpus_per_run,
+                                                                gpus_per_run, progress=not quiet))
+    for stream, path in written.items():
+        typer.echo(f"selected: {path}")
+        if leaderboard is not None:
+            from .reports.protocol import publish_protocol
+            md = publish_protocol(out, stream, leaderboard / stream)
+            typer.echo(f"\n{stream}  ({leaderboard / stream / 'leaderboard.md'})\n{md}")
+
+
+@app.command()
 def migrate(
     dirs: list[Path] = typer.Argument(..., help="directories (or files) of run records"),
     stream: Optional[str] = typer.Option(None, help="the stream to fingerprint them with (default: each record's "
                                          "stream name, as a built-in stream)"),
     dry_run: bool = typer.Option(False, help="say what would be migrated, write nothing"),
 ) -> None:
-    """Give schema-v1 records their fingerprint (schema v2), from their config and the stream as it is now."""
+    """Bring older records to the current schema when their fingerprint shows the stream's data is unchanged."""
     from .records import MIGRATION_NOTE, migrate_records as run_migration
     done, left = run_migration(dirs, stream, dry_run)
     for line in left:
@@ -152,14 +188,15 @@ def migrate(
 
 @app.command("list")
 def list_(what: str = typer.Argument(
-        "all", help="streams | strategies | kinds | metrics | scorers | builders | models | all")) -> None:
+        "all", help="streams | strategies | kinds | metrics | scorers | builders | models | rules | all")) -> None:
     """List what the registries hold: streams, strategies (kind, parameters, conflicts), how kinds combine, metrics
-    (direction, shown, claim sign, formula), scorers, data builders and models."""
+    (direction, shown, claim sign, formula), scorers, data builders, models and tuning's selection rules."""
     from .metrics import METRICS
     from .models import MODELS
     from .scoring import SCORERS
     from .strategy import KINDS, SINGLE_KINDS, STACKING, STRATEGIES
     from .streams import DATA_BUILDERS, builtin_stream_files
+    from .tune import RULES
 
     def doc(obj: object) -> str:
         return next(iter((getattr(obj, "__doc__", None) or "").strip().splitlines()), "")
@@ -194,6 +231,7 @@ def list_(what: str = typer.Argument(
                             f"{also(name, SCORERS)}" for name, s in SCORERS.items()],
         "builders": lambda: [f"{name:24s} {doc(fn)}" for name, fn in DATA_BUILDERS.items()],
         "models": lambda: [f"{name:24s} {doc(fn)}" for name, fn in MODELS.items()] + ["(or any hub id / local path)"],
+        "rules": lambda: [f"{name:24s} {doc(fn)}" for name, fn in RULES.items()],
     }
     if what != "all" and what not in sections:
         raise UserError(f"cannot list {what!r}: {did_you_mean(what, sections)}choose {', '.join(sections)} or all")
@@ -206,13 +244,22 @@ def list_(what: str = typer.Argument(
 
 @app.command()
 def leaderboard(
-    records: list[Path] = typer.Argument(..., help="run-record files or directories"),
+    records: list[Path] = typer.Argument(..., help="run-record files, directories or .zip archives of them"),
     out: Path = typer.Option(Path("leaderboards"), help="where <stream>/leaderboard.{md,csv,png} go"),
     sort: str = typer.Option("acc", help="metric to rank by"),
+    prefer: list[str] = typer.Option([], "--prefer", help="the source (a path as given) whose record counts when "
+                                     "two sources hold the same run (repeatable: the first named wins)"),
 ) -> None:
-    """Aggregate records (mean ± std over seeds) into ranked markdown and CSV tables."""
+    """Aggregate records (mean ± 95% t interval over seeds) into ranked markdown and CSV tables; a directory made
+    by clsuite tune gets the protocol leaderboard (selected settings, paired effects, matched, equal compute).
+    Records may come from several directories, files and .zip archives; each row then names its sources."""
     from .reports.leaderboard import publish
-    for name, md in publish(records, out, sort).items():
+    from .reports.protocol import publish_protocol, tuned_streams
+    plain = [r for r in records if not tuned_streams(r)]
+    for r in [r for r in records if tuned_streams(r)]:
+        for name in tuned_streams(r):
+            typer.echo(f"{name}  ({out / name / 'leaderboard.md'})\n{publish_protocol(r, name, out / name)}\n")
+    for name, md in (publish(plain, out, sort, prefer) if plain else {}).items():
         typer.echo(f"{name}  ({out / name / 'leaderboard.md'})\n{md}\n")
 
 
@@ -276,6 +323,38 @@ def correlate(
     r = compute(records, out)
     typer.echo(r["markdown"])
     for path in r["files"].values():
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def site(
+    records: list[Path] = typer.Argument(..., help="run-record files or directories; a 'clsuite tune' directory "
+                                         "also adds its protocol leaderboard"),
+    out: Path = typer.Option(..., help="the site folder, replaced whole (a new one, or one 'clsuite site' wrote)"),
+) -> None:
+    """A static web leaderboard: a page per stream and per run, sortable and filterable, opened from disk."""
+    from .reports.site import write_site
+    typer.echo(f"wrote {write_site(records, out)}")
+
+
+@app.command()
+def export(
+    records: list[Path] = typer.Argument(..., help="run-record files, directories or .zip archives of them"),
+    fmt: str = typer.Option(..., "--format", help="eval-results (Hugging Face .eval_results YAML) | every-eval-ever "
+                            "| lm-eval (results.json)"),
+    out: Path = typer.Option(..., help="the folder the files go under (docs/export.md has the layout)"),
+    hf_dataset: Optional[str] = typer.Option(None, help="eval-results: the Hub benchmark dataset id of the stream "
+                                             "(default: the stream's name)"),
+    organization: str = typer.Option("clsuite", help="every-eval-ever: source_organization_name, who provides "
+                                     "the results"),
+) -> None:
+    """Export each complete run in a standard format: Hugging Face eval results, Every Eval Ever or lm-eval's."""
+    from .reports.export import export as run_export
+    options = {"eval-results": {"dataset": hf_dataset}, "every-eval-ever": {"organization": organization}}
+    written, skipped = run_export(records, fmt, out, **options.get(fmt, {}))
+    for line in skipped:
+        typer.echo(f"skipped: {line}", err=True)
+    for path in written:
         typer.echo(f"wrote {path}")
 
 

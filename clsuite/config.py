@@ -58,6 +58,8 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    split: Literal["test", "val"] = Field("test", description="what is scored: the test part (leaderboards) or the "
+                                          "validation part (tuning; probes without one are left out)")
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
     max_examples: int | None = Field(None, ge=1, description="cap on eval examples per task")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .numerics import at_least_float32
 
 
 def prompt_text(tok: Any, prompt: str, chat: bool, bos: bool = True) -> str:
@@ -77,7 +78,8 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: s
     logits = forward_logits(model, batch)[:, :-1]
     labels = batch["labels"][:, 1:].to(logits.device)
     labels = labels[:, labels.shape[1] - logits.shape[1]:]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    logits = logits.to(at_least_float32(logits.dtype))  # a float64 model keeps float64 (EWC, SI, A-GEM read it)
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     per_example = nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
     return per_example if reduction == "none" else per_example.mean()
 

@@ -249,9 +249,13 @@ def run_stream(ctx: Context, progress: bool = True, hooks: RunHooks | None = Non
                                                    disable=not progress, unit="task")):
         if ctx.experience < len(experiences):  # trained before the restored checkpoint
             continue
+        t0 = time.perf_counter()
         ctx.call("before_training_exp")
+        hooks_seconds = time.perf_counter() - t0
         experiences.append(train_experience(ctx, progress))
-        ctx.call("after_training_exp")
+        t0 = time.perf_counter()
+        ctx.call("after_training_exp")  # e.g. EWC's Fisher, Wise-FT's merge: part of a strategy's cost
+        experiences[-1]["hook_seconds"] = hooks_seconds + time.perf_counter() - t0
         add_row()  # of the weights after merges / Wise-FT, with their sharpness
         if hooks.after_experience:
             hooks.after_experience({"rows": rows, "experiences": experiences})

@@ -65,7 +65,9 @@ def _fields_at(cls: Any, path: tuple) -> list[str]:
     cls = _model_at(cls, path)
     if not hasattr(cls, "model_fields"):
         return []
-    return sorted({*cls.model_fields, *(f.alias for f in cls.model_fields.values() if f.alias)})
+    by_name = cls.model_config.get("populate_by_name", False)  # else a field with an alias is given by its alias
+    return sorted({name for k, f in cls.model_fields.items() for name in ([k] if by_name or not f.alias else [])
+                   + ([f.alias] if f.alias else [])})
 
 
 def _model_at(cls: Any, path: tuple) -> Any:

@@ -18,7 +18,7 @@ from .models import load_model
 from .provenance import provenance
 from .records import cell_fingerprint, failed_record, fill_record, new_record, read_record, record_path
 from .strategy import build_strategy
-from .streams import Stream
+from .streams import Stream, for_split
 
 
 def save_model(model: Any, tokenizer: Any, dest: Path) -> Path:
@@ -42,9 +42,8 @@ def _recorded(path: Path, cfg: RunConfig, save: bool, fp: dict[str, str]) -> boo
         return False
     old = read_record(path)
     if old.fingerprint is None:
-        raise UserError(f"{path} was made before records had fingerprints (schema v{old.schema_version}): run "
-                        f"'clsuite migrate {path.parent}' if its data and scoring did not change since, or re-run it "
-                        "with --force")
+        raise UserError(f"{path} was made before records had fingerprints (schema v{old.schema_version}), so "
+                        "nothing shows what data it was made with: re-run it with --force")
     parts = stale_parts(old.fingerprint, old.config, fp, old.seed != cfg.seed)  # new settings at their defaults
     if parts:
         raise FingerprintMismatch(f"{path} was made with other {describe(parts)}: re-run with --force, or remove "
@@ -85,6 +84,7 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
     state after the last finished experience (docs/resume.md). Under torchrun every rank trains, rank 0 evaluates
     and writes."""
     dist.init_from_env()
+    stream = for_split(stream, cfg.eval.split)  # what is scored, recorded and fingerprinted
     dist.check_batch(cfg.train.batch_size, cfg.train.grad_accum)  # before the first evaluation, not after it
     progress = progress and dist.is_main()
     path = record_path(out, cfg, tag)
@@ -145,4 +145,5 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
 
 def cell_name(cfg: RunConfig, tag: str = "") -> str:
     """A cell as ``stream/strategy[/tag]/seed<k>``, the way its record path reads."""
-    return "/".join([cfg.stream, cfg.strategy, *([tag] if tag else []), f"seed{cfg.seed}"])
+    split = "" if cfg.eval.split == "test" else f".{cfg.eval.split}"
+    return "/".join([cfg.stream, cfg.strategy, *([tag] if tag else []), f"seed{cfg.seed}{split}"])

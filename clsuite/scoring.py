@@ -1,7 +1,8 @@
 """Scorers: exact match of greedy generation, multiple choice by log-likelihood, mean target log-likelihood.
 
 Each takes the model, tokenizer and a list of examples and returns a dict whose ``score`` is the number
-that enters the accuracy matrix; other keys are kept beside it in the run record.
+that enters the accuracy matrix, and ``items``, the per-example values it averages (for the protocol's bootstrap);
+other keys are kept beside it in the run record.
 """
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def exact_match(model, tok, examples: list[dict], chat: bool, max_length: int, b
     """Greedy generation from the prompt; an answer counts when it equals the target after stripping white space
     (so ``target_delimiter`` changes only the generation budget, not the score)."""
     dev = next(model.parameters()).device
-    hits = 0
+    hits: list[int] = []
     for chunk in _batches(examples, batch_size):
         pairs = [encode_pair(tok, e["prompt"], e["target"], chat, max_length, bos=bos,
                              target_delimiter=target_delimiter) for e in chunk]
@@ -99,15 +100,16 @@ def exact_match(model, tok, examples: list[dict], chat: bool, max_length: int, b
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
                              do_sample=False, pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        hits += sum(t.strip() == e["target"].strip() for t, e in zip(texts, chunk))
-    return {"score": hits / len(examples)}
+        hits += [int(t.strip() == e["target"].strip()) for t, e in zip(texts, chunk)]
+    return {"score": sum(hits) / len(examples), "items": hits}
 
 
 @torch.no_grad()
 def choice_logliks(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int, *,
                    bos: bool = True, target_delimiter: str = "") -> list[list[float]]:
-    """Summed log-likelihood of each ``target_delimiter + choice``; the prompt runs once per question and its cache
-    is shared."""
+    """Summed log-likelihood of each ``target_delimiter + choice``. The prompt runs once per question: its last
+    position scores every choice's first token (all of a one-token choice), and only choices of two tokens or more
+    continue from its cache, which is copied once per such choice."""
     dev = next(model.parameters()).device
     pad = _pad_id(tok)
     result: list[list[float]] = []
@@ -124,26 +126,30 @@ def choice_logliks(model, tok, examples: list[dict], chat: bool, max_length: int
         keep = {"logits_to_keep": 1} if keeps_logits(model) else {}  # only the last position predicts a choice
         out = model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True, **keep)
         first = F.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's first token
-        k = max(len(c) for c in choices)
-        flat = [(b, c) for b, cs in enumerate(choices) for c in cs + [[pad]] * (k - len(cs))]
-        width = max(len(c) for _, c in flat)
-        cids = torch.full((len(flat), width), pad, dtype=torch.long, device=dev)
-        cmask = torch.zeros_like(cids)
-        for i, (_, c) in enumerate(flat):
-            cids[i, :len(c)] = torch.tensor(c, device=dev)
-            cmask[i, :len(c)] = 1
-        key = _cache_kwarg(model)
-        cache = getattr(out, key)
-        cache.batch_repeat_interleave(k)
-        start = pmask.sum(-1).repeat_interleave(k)[:, None]
-        cpos = start + torch.arange(width, device=dev)[None]
-        full_mask = torch.cat([pmask.repeat_interleave(k, 0), cmask], dim=1)
-        logits = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos, **{key: cache}).logits
-        logp = F.log_softmax(logits.float(), -1)
-        tok_lp = torch.cat([first.repeat_interleave(k, 0).gather(1, cids[:, :1]),
-                            logp[:, :-1].gather(2, cids[:, 1:, None]).squeeze(-1)], dim=1)
-        total = (tok_lp * cmask).sum(1).view(len(chunk), k)
-        result.extend(total[b, :len(cs)].tolist() for b, cs in enumerate(choices))
+        flat = [(b, c) for b, cs in enumerate(choices) for c in cs]
+        total = first[[b for b, _ in flat], [c[0] for _, c in flat]]
+        longer = [i for i, (_, c) in enumerate(flat) if len(c) > 1]
+        if longer:  # the rest of each longer choice, after its prompt: inputs c[:-1] predict c[1:]
+            rows = torch.tensor([flat[i][0] for i in longer], device=dev)
+            width = max(len(flat[i][1]) for i in longer) - 1
+            cids = torch.full((len(longer), width), pad, dtype=torch.long, device=dev)
+            targets = torch.zeros_like(cids)
+            cmask = torch.zeros_like(cids)
+            for j, i in enumerate(longer):
+                c = flat[i][1]
+                cids[j, :len(c) - 1] = torch.tensor(c[:-1], device=dev)
+                targets[j, :len(c) - 1] = torch.tensor(c[1:], device=dev)
+                cmask[j, :len(c) - 1] = 1
+            key = _cache_kwarg(model)
+            cache = getattr(out, key)
+            cache.batch_select_indices(rows)
+            cpos = pmask.sum(-1)[rows][:, None] + torch.arange(width, device=dev)[None]
+            logits = model(input_ids=cids, attention_mask=torch.cat([pmask[rows], cmask], dim=1), position_ids=cpos,
+                           **{key: cache}).logits.float()
+            tok_lp = logits.gather(2, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
+            total = total.index_add(0, torch.tensor(longer, device=dev), (tok_lp * cmask).sum(1))
+        it = iter(total.tolist())
+        result.extend([next(it) for _ in cs] for cs in choices)
     return result
 
 
@@ -153,8 +159,10 @@ def multiple_choice(model, tok, examples: list[dict], chat: bool, max_length: in
     """Accuracy of the highest-likelihood choice; also the mean log-likelihood of the gold answer."""
     ll = choice_logliks(model, tok, examples, chat, max_length, batch_size, bos=bos, target_delimiter=target_delimiter)
     gold = [e["answer"] for e in examples]
-    acc = sum(max(range(len(s)), key=s.__getitem__) == g for s, g in zip(ll, gold)) / len(examples)
-    return {"score": acc, "gold_loglik": sum(s[g] for s, g in zip(ll, gold)) / len(examples)}
+    hits = [int(max(range(len(s)), key=s.__getitem__) == g) for s, g in zip(ll, gold)]
+    gold_ll = [s[g] for s, g in zip(ll, gold)]
+    return {"score": sum(hits) / len(examples), "gold_loglik": sum(gold_ll) / len(examples), "items": hits,
+            "item_gold_loglik": gold_ll}
 
 
 @register_scorer("loglik")
@@ -162,12 +170,12 @@ def multiple_choice(model, tok, examples: list[dict], chat: bool, max_length: in
 def loglik(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int, *, bos: bool = True,
            target_delimiter: str = "") -> dict[str, float]:
     """Mean per-token log-likelihood of ``target_delimiter + target`` (higher is better); perplexity beside it."""
-    total = 0.0
+    items: list[float] = []
     for chunk in _batches(examples, batch_size):
         batch = collate(tok, chunk, chat, max_length, bos=bos, target_delimiter=target_delimiter)
-        total += float(lm_loss(model, batch, reduction="none").sum())
-    nll = total / len(examples)
-    return {"score": -nll, "perplexity": float(torch.exp(torch.tensor(nll)))}
+        items += (-lm_loss(model, batch, reduction="none")).tolist()
+    nll = -sum(items) / len(examples)
+    return {"score": -nll, "perplexity": float(torch.exp(torch.tensor(nll))), "items": items}
 
 
 def score(name: str, model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int,

@@ -85,16 +85,21 @@ class DataSpec(_Strict):
     @field_validator("eval_size", mode="before")
     @classmethod
     def _size(cls, v: Any) -> int | float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-                (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v < 1)):
-            raise ValueError(f"give a fraction in (0, 1) or a whole number of rows (>= 1), got {v!r:.40}")
-        return v
+        return _size(v)
 
     @model_validator(mode="after")
     def _choices_with_answer(self) -> "DataSpec":
         if (self.choices is None) != (self.answer is None):
             raise ValueError("'choices:' (a list column) and 'answer:' (an integer column indexing it) go together")
         return self
+
+
+def _size(v: Any) -> int | float:
+    """A held-out size: a fraction in (0, 1) or a whole number of rows."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+            (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v < 1)):
+        raise ValueError(f"give a fraction in (0, 1) or a whole number of rows (>= 1), got {v!r:.40}")
+    return v
 
 
 class TaskSpec(DataSpec):
@@ -109,6 +114,15 @@ class TaskSpec(DataSpec):
                                                "the template's leading BOS); default: the stream's bos")
     target_delimiter: str | None = Field(None, description="scoring: text between prompt and each target or choice "
                                                            "(lm-eval's is ' '); default: the stream's")
+    val_split: str = Field("validation", description="the source's validation split, when it has one")
+    val_size: Any = Field(None, description="validation rows held out when the source has no val_split: of the "
+                                            "training rows for a task (default: as many as it has test rows), of the "
+                                            "evaluation rows for a probe (default: none); a fraction or a row count")
+
+    @field_validator("val_size", mode="before")
+    @classmethod
+    def _val_size(cls, v: Any) -> int | float | None:
+        return None if v is None else _size(v)
 
 
 class LmEvalProbeSpec(_Strict):

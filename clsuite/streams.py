@@ -1,6 +1,7 @@
 """Task streams: ordered tasks plus never-trained probes, declared in YAML and loaded through ``datasets``."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,16 +26,18 @@ def data_builder(name: str) -> Callable:
 
 @dataclass
 class Task:
-    """One experience (or probe): train/eval splits of rows with ``prompt``, ``target`` (and ``choices``, ``answer``)."""
+    """One experience (or probe): train, test (``eval``) and validation rows with ``prompt``, ``target`` (and
+    ``choices``, ``answer``)."""
     name: str
     train: Dataset | None
-    eval: Dataset
+    eval: Dataset  # the test part: what leaderboards report
     scorer: str
     category: str = ""
     chat: bool = False  # format prompts with the tokenizer's chat template
     lm_eval: Any = None  # a probe scored by lm-evaluation-harness (clsuite.lm_eval_probe.LmEvalProbe); eval is empty
     bos: bool = True  # scoring: the tokenizer's BOS before plain prompts (clsuite.data.prompt_text)
     target_delimiter: str = ""  # scoring: text between the prompt and each target or choice
+    val: Dataset | None = None  # the validation part, disjoint from eval, which tuning reads (None: a probe without)
 
     def conventions(self) -> dict[str, Any]:
         """How its scorer joins prompt and answer: ``{"bos", "target_delimiter"}`` (none for an lm-eval probe)."""
@@ -191,9 +194,18 @@ def load_hf(args: dict, where: str) -> dict[str, Dataset]:
     return dict(ds) if isinstance(ds, DatasetDict) else {"train": ds}
 
 
-def _splits(spec: DataSpec, seed: int, probe: bool, where: str) -> tuple[Dataset | None, Dataset]:
-    """(train rows or None for a probe, eval rows), formatted; eval is held out of train when the source has none."""
+def _splits(spec: DataSpec, seed: int, probe: bool, where: str) -> tuple[Dataset | None, Dataset, Dataset | None]:
+    """(train rows or None for a probe, eval rows, the source's validation rows or None), formatted; eval is held
+    out of train when the source has none."""
     splits = _load_source(spec.source, seed, where)
+    val_split = getattr(spec, "val_split", None)  # tasks and probes have one, general data not
+    if val_split in (spec.train_split, spec.eval_split):
+        raise UserError(f"{where}: val_split: {val_split!r} is also its train_split or eval_split; validation rows "
+                        "must be disjoint from both: name another split, or hold rows out with val_size:")
+    if val_split in splits and getattr(spec, "val_size", None) is not None:
+        raise UserError(f"{where}: the source has a {val_split!r} split and val_size: is given too; drop val_size: "
+                        "to use that split, or set val_split: to a split name the source lacks to hold rows out")
+    val = _format_rows(splits[val_split], spec, where) if val_split in splits else None
     train_split, eval_split = spec.train_split, spec.eval_split
     if eval_split not in splits:
         if train_split not in splits:
@@ -209,7 +221,27 @@ def _splits(spec: DataSpec, seed: int, probe: bool, where: str) -> tuple[Dataset
     if not probe and train_split not in splits:
         raise UserError(f"{where}: no split {train_split!r} to train on in {list(splits)}; name it with "
                         "train_split:, or list this source under probes:")
-    return (None if probe else _format_rows(splits[train_split], spec, where)), ev
+    return (None if probe else _format_rows(splits[train_split], spec, where)), ev, val
+
+
+def _hold_out_val(spec: TaskSpec, train: Dataset | None, ev: Dataset, seed: int, where: str
+                  ) -> tuple[Dataset | None, Dataset, Dataset | None]:
+    """(train, test, validation): a task's validation rows held out of its training rows (``val_size``, default as
+    many as its test rows), a probe's out of its evaluation rows (only when ``val_size`` is given)."""
+    source = ev if train is None else train
+    size = spec.val_size if spec.val_size is not None or train is None else min(len(ev), len(train) // 2)
+    if size is None:
+        return train, ev, None
+    rows = size if isinstance(size, int) else round(size * len(source))
+    if spec.val_size is None and rows < 1:
+        raise UserError(f"{where}: {len(source)} training row(s) leave none to hold out as validation rows; give the "
+                        "task at least 2 training rows, or a source with a validation split")
+    if not 1 <= rows <= len(source) // 2:
+        what = "evaluation" if train is None else "training"
+        raise UserError(f"{where}: val_size: {size} holds out {rows} of {len(source)} {what} rows; give a size of "
+                        f"at least 1 and at most half of them ({len(source) // 2})")
+    parts = source.train_test_split(test_size=rows, seed=seed)
+    return (parts["train"], ev, parts["test"]) if train is not None else (None, parts["train"], parts["test"])
 
 
 def _entry_where(where: str, entry: Any) -> str:
@@ -233,11 +265,13 @@ def _build_task(entry: Any, seed: int, probe: bool, where: str, chat: bool = Fal
     defaults = conventions or CONVENTIONS  # the stream's bos:/target_delimiter:
     conv = {k: defaults[k] if getattr(spec, k) is None else getattr(spec, k) for k in CONVENTIONS}
     check_conventions(spec.scorer, conv, where)  # also: the scorer exists
-    tr, ev = _splits(spec, seed, probe, where)
+    tr, ev, val = _splits(spec, seed, probe, where)
+    if val is None:
+        tr, ev, val = _hold_out_val(spec, tr, ev, seed, where)
     if spec.max_eval is not None:
-        ev = ev.select(range(min(len(ev), spec.max_eval)))
+        ev, val = (None if d is None else d.select(range(min(len(d), spec.max_eval))) for d in (ev, val))
     return Task(spec.name, tr, ev, spec.scorer, spec.category,
-                chat if spec.chat_template is None else spec.chat_template, **conv)
+                chat if spec.chat_template is None else spec.chat_template, val=val, **conv)
 
 
 def _lm_eval_task(spec: LmEvalProbeSpec, entry: dict, where: str) -> Task:
@@ -265,6 +299,21 @@ def load_stream(name_or_path: str) -> Stream:
         raise UserError(f"{where}: task and probe names must be unique, got {names}")
     general = None
     if spec.general_data is not None:
-        general, _ = _splits(spec.general_data, seed, False, f"{where}, general_data")
+        general, _, _ = _splits(spec.general_data, seed, False, f"{where}, general_data")
     return Stream(name, tasks, probes, spec.model, chat, doc.get("train") or {}, doc.get("eval") or {},
                   spec.description, str(path), general)
+
+
+SPLITS = ("test", "val")
+
+
+def for_split(stream: Stream, split: str) -> Stream:
+    """The stream as evaluated on ``split``: ``test`` as it is; ``val`` with each task's and probe's validation rows
+    in place of its test rows, probes without validation rows left out (selection never reads them)."""
+    if split == "test":
+        return stream
+    if split != "val":
+        raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    tasks = [dataclasses.replace(t, eval=t.val) for t in stream.tasks]
+    probes = [dataclasses.replace(p, eval=p.val) for p in stream.probes if p.val is not None]
+    return dataclasses.replace(stream, tasks=tasks, probes=probes)

@@ -31,15 +31,32 @@ EXAMPLE = "see examples/sweep-tiny.yaml"
 RAY_INSTALL = "pip install 'clsuite[ray]'"
 
 
+class RunEntry(BaseModel):
+    """One strategy with its own fixed training settings (``runs:``), e.g. a setting ``clsuite tune`` selected."""
+    model_config = ConfigDict(extra="forbid")
+    strategy: StrictStr
+    set_: dict[str, Any] = Field({}, alias="set")
+    name: StrictStr = ""  # informational: the tuned strategy it stands for
+    roles: list[StrictStr] = []  # informational: selected, matched, budget=<k>x
+
+
 class Grid(BaseModel):
-    """A sweep grid: every stream x strategy x combination of ``set`` values x seed is one run."""
+    """A sweep grid: every stream x strategy (or ``runs:`` entry) x combination of ``set`` values x seed is one run."""
     model_config = ConfigDict(extra="forbid")
     streams: list[StrictStr] = Field(min_length=1)
-    strategies: list[StrictStr] = Field(min_length=1)
+    strategies: list[StrictStr] = []
+    runs: list[RunEntry] = []
     seeds: list[StrictInt] = Field(min_length=1)
     model: StrictStr | None = None
     set_: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field({}, alias="set")
     eval: dict[str, Any] = {}
+    selection: dict[str, Any] = {}  # written by clsuite tune (rule, candidates, validation scores); not read here
+
+    @pydantic.model_validator(mode="after")
+    def _something_to_run(self) -> "Grid":
+        if not self.strategies and not self.runs:
+            raise ValueError("'strategies' is missing: add it as a list, e.g. strategies: [naive], or give runs:")
+        return self
 
 
 @dataclass(frozen=True)
@@ -76,7 +93,8 @@ def _problem(err: dict) -> str:
     """One pydantic error of the grid, phrased with its fix."""
     loc, where = err["loc"], error_location(err["loc"])
     if err["type"] == "extra_forbidden" and len(loc) == 1:
-        return f"unknown key {where!r}: the keys are streams, strategies, seeds, model, set, eval"
+        known = [f.alias or k for k, f in Grid.model_fields.items()]
+        return f"unknown key {where!r}: {did_you_mean(str(loc[0]), known)}the keys are {', '.join(known)}"
     if err["type"] == "missing":
         return f"{where!r} is missing: add it as a list, e.g. {where}: [...]"
     if loc[:1] == ("set",) and len(loc) == 2 and err["type"] == "list_type":
@@ -84,7 +102,7 @@ def _problem(err: dict) -> str:
     return f"{where}: {err['msg']}"
 
 
-def _check_keys(keys: list[str], cls: type[BaseModel], where: str) -> None:
+def check_keys(keys: list[str], cls: type[BaseModel], where: str) -> None:
     """Refuse a setting ``cls`` does not have, suggesting the closest one."""
     known = list(cls.model_fields)
     for k in keys:
@@ -92,30 +110,52 @@ def _check_keys(keys: list[str], cls: type[BaseModel], where: str) -> None:
             raise UserError(f"{where}: unknown setting {k!r}: {did_you_mean(k, known)}known: {', '.join(known)}")
 
 
-def load_grid(path: Path) -> Grid:
-    """Read and validate a grid YAML (``yaml.safe_load``, unknown keys refused) or raise a one-line UserError."""
+def read_grid_doc(path: Path, example: str = EXAMPLE, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A grid file as a mapping, the files it names under ``include:`` merged beneath it (relative paths), or a
+    one-line UserError."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise UserError(f"grid {path} includes itself (via {' -> '.join(map(str, seen))}); remove the cycle")
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        doc = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"grid {path} not found: give a sweep grid .yaml ({EXAMPLE})") from None
+        raise UserError(f"grid {path} not found: give a grid .yaml ({example})") from None
     except yaml.YAMLError as e:
         raise UserError(f"grid {path} is not valid YAML: {(str(e).splitlines() or [''])[0]}; fix the syntax") from None
     except (OSError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"grid {path} cannot be read ({type(e).__name__}); give a UTF-8 YAML file") from None
     if not isinstance(doc, dict):
-        raise UserError(f"grid {path} must hold a mapping with streams:, strategies:, seeds: and optional "
-                        f"model:, set:, eval: ({EXAMPLE})")
+        raise UserError(f"grid {path} must hold a mapping of settings ({example})")
+    includes = doc.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise UserError(f"grid {path}: 'include:' must be a file name or a list of them, got {includes!r:.80}")
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged.update(read_grid_doc(path.parent / inc, example, (*seen, path)))
+    if isinstance(doc.get("streams"), list):  # .yaml stream paths are relative to the file naming them
+        doc["streams"] = [str(path.parent / r) if isinstance(r, str) and r.endswith((".yaml", ".yml")) else r
+                          for r in doc["streams"]]
+    return {**merged, **doc}
+
+
+def load_grid(path: Path) -> Grid:
+    """Read and validate a grid YAML (``yaml.safe_load``, ``include:`` merged, unknown keys refused) or raise a
+    one-line UserError."""
+    doc = read_grid_doc(path)
     try:
         grid = Grid.model_validate(doc)
     except pydantic.ValidationError as e:
         raise UserError(f"grid {path}: {'; '.join(_problem(x) for x in e.errors())} ({EXAMPLE})") from None
-    _check_keys(list(grid.set_), TrainConfig, f"grid {path}, set:")
-    _check_keys(list(grid.eval), EvalConfig, f"grid {path}, eval:")
+    check_keys(list(grid.set_), TrainConfig, f"grid {path}, set:")
+    for i, entry in enumerate(grid.runs):
+        check_keys(list(entry.set_), TrainConfig, f"grid {path}, runs[{i}].set:")
+    check_keys(list(grid.eval), EvalConfig, f"grid {path}, eval:")
     return grid
 
 
 @functools.lru_cache(maxsize=None)
-def _stream(ref: str) -> Any:
+def cached_stream(ref: str) -> Any:
     """A stream loaded once per process (workers run many cells of the same stream)."""
     from .streams import load_stream
     return load_stream(ref)
@@ -128,19 +168,22 @@ def run_tag(train: TrainConfig, keys: list[str]) -> str:
 
 def expand(grid: Grid, grid_path: Path, out: Path) -> list[Cell]:
     """Every cell of the grid, validated; stream .yaml paths are relative to the grid file."""
-    _stream.cache_clear()  # streams are read once per sweep, from the files as they are now
+    cached_stream.cache_clear()  # streams are read once per sweep, from the files as they are now
     keys = list(grid.set_)
     combos = [dict(zip(keys, values)) for values in itertools.product(*grid.set_.values())]
     cells: list[Cell] = []
     for ref in grid.streams:
         if Path(ref).suffix in (".yaml", ".yml"):
             ref = str((Path(grid_path).parent / ref).resolve())
-        s = _stream(ref)
-        for spec in grid.strategies:
+        s = cached_stream(ref)
+        entries = [RunEntry(strategy=spec) for spec in grid.strategies] + grid.runs
+        for entry in entries:
             for combo in combos:
+                tagged = sorted({*keys, *entry.set_})
                 for seed in grid.seeds:
-                    cfg = resolve_config(s, spec, seed, grid.model, combo, grid.eval)
-                    cells.append(Cell(ref, cfg, run_tag(cfg.train, keys) if keys else "", str(Path(out).resolve())))
+                    cfg = resolve_config(s, entry.strategy, seed, grid.model, {**combo, **entry.set_}, grid.eval)
+                    cells.append(Cell(ref, cfg, run_tag(cfg.train, tagged) if tagged else "",
+                                      str(Path(out).resolve())))
     seen: dict[Path, Cell] = {}
     for c in cells:
         if c.path in seen:
@@ -183,11 +226,11 @@ def _run_cell(cell: Cell, force: bool = False) -> Outcome:
     stale: tuple[str, ...] = ()
     try:
         try:
-            run_one(_stream(cell.stream), cell.config, Path(cell.out), progress=False, force=force, tag=cell.tag,
+            run_one(cached_stream(cell.stream), cell.config, Path(cell.out), progress=False, force=force, tag=cell.tag,
                     resume=not force)
         except FingerprintMismatch as e:  # a record of another cell: run this one over it (replaced atomically)
             stale = tuple(e.parts)
-            run_one(_stream(cell.stream), cell.config, Path(cell.out), progress=False, force=True, tag=cell.tag)
+            run_one(cached_stream(cell.stream), cell.config, Path(cell.out), progress=False, force=True, tag=cell.tag)
     except DiskFullError as e:  # run_one named the cell
         return Outcome(cell.label, "failed", str(path), str(e), stale, stop=True)
     except (DivergenceError, UserError) as e:

@@ -42,7 +42,8 @@ def tiny_llama(seed: int = 0, hidden: int = 16, layers: int = 1, heads: int = 2,
     return LlamaForCausalLM(cfg), tok
 
 
-CLOCK = {"wall_seconds", "train_seconds", "eval_seconds", "sharpness_seconds", "provenance"}  # provenance: argv
+CLOCK = {"wall_seconds", "train_seconds", "eval_seconds", "sharpness_seconds", "hook_seconds",
+         "provenance"}  # provenance: argv
 
 
 def comparable(path: Path) -> dict:
@@ -92,3 +93,14 @@ def cli(monkeypatch, capsys):
         out = capsys.readouterr()
         return e.value.code, out.out, out.err
     return call
+
+
+def tiny_runs(cli, store, strategies: str, seeds: str) -> "Path":
+    """Real records of the tiny test stream (2 steps) under ``store/runs``, made once per ``store``."""
+    out = store / "runs"
+    if not (store / "made").exists():
+        code, _, err = cli("run", "--stream", TINY_STREAM, "--strategies", strategies, "--seeds", seeds,
+                           "--set", "steps=2", "--out", out, "--quiet")
+        assert code == 0, err
+        (store / "made").touch()
+    return out

@@ -16,7 +16,7 @@ def naive_record(tiny_stream, tmp_path_factory):
 
 def test_record_is_complete(naive_record):
     r = naive_record
-    assert r.status == "complete" and r.schema_version == 2 and r.fingerprint
+    assert r.status == "complete" and r.schema_version == 3 and r.fingerprint
     assert len(r.R) == 3 and all(len(row) == 2 for row in r.R)
     assert len(r.P) == 3 and all(len(row) == 2 for row in r.P)
     assert set(r.metrics) >= {"acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_fg"}

@@ -19,7 +19,7 @@ from clsuite.fingerprint import PARTS, FingerprintMismatch
 from clsuite.records import cell_fingerprint, read_record, record_path
 from clsuite.runner import run_one
 from clsuite.scoring import SCORERS
-from clsuite.streams import load_stream
+from clsuite.streams import for_split, load_stream
 
 TINY = Path(__file__).parent / "data" / "tiny-test.yaml"
 TASKS = """tasks:
@@ -60,14 +60,21 @@ def test_stable_for_the_same_cell_and_each_change_moves_its_part(tiny_stream, mo
     slower = resolve_config(tiny_stream, "naive", 0, train={"lr": 1e-5})
     assert changed(fp, cell_fingerprint(slower, tiny_stream)) == ["config"]
     assert changed(fp, cell_fingerprint(resolve_config(tiny_stream, "sam", 0), tiny_stream)) == ["config"]
+    on_val = resolve_config(tiny_stream, "naive", 0, eval={"split": "val"})
+    # other items, and no probes (neither has validation rows): the loglik scorer of probe max goes with them
+    assert changed(fp, cell_fingerprint(on_val, for_split(tiny_stream, "val"))) == ["config", "eval_data", "scoring"]
+    probes = [dataclasses.replace(p, val=p.eval) for p in tiny_stream.probes]
+    with_val = dataclasses.replace(tiny_stream, probes=probes)
+    assert changed(fp, cell_fingerprint(on_val, for_split(with_val, "val"))) == ["config", "eval_data"]
 
     real = SCORERS.get
     monkeypatch.setattr(SCORERS, "get", lambda name: SimpleNamespace(**vars(real(name)), settings={"bos": True}))
     assert changed(fp, cell_fingerprint(cfg, tiny_stream)) == ["scoring"]
     monkeypatch.setattr(SCORERS, "get", real)
-    monkeypatch.setattr(records, "SCHEMA_VERSION", 3)
+    now = records.SCHEMA_VERSION
+    monkeypatch.setattr(records, "SCHEMA_VERSION", now + 1)
     assert changed(fp, cell_fingerprint(cfg, tiny_stream)) == ["schema"]
-    monkeypatch.setattr(records, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(records, "SCHEMA_VERSION", now)
     monkeypatch.setattr(fpmod, "_code", lambda: "another-version")
     code = cell_fingerprint(cfg, tiny_stream)
     assert code["code"] != fp["code"] and code["hash"] == fp["hash"] and not changed(fp, code)  # no part of the match
@@ -89,16 +96,20 @@ def one_record(tiny_stream, tmp_path_factory) -> Path:
 
 def test_a_record_stores_its_fingerprint(tiny_stream, one_record):
     r = read_record(one_record)
-    assert r.schema_version == 2 and r.fingerprint == cell_fingerprint(resolve_config(tiny_stream, "naive", 0), tiny_stream)
+    assert r.schema_version == records.SCHEMA_VERSION == 3 and r.split == "test"
+    assert r.fingerprint == cell_fingerprint(resolve_config(tiny_stream, "naive", 0), tiny_stream)
 
 
 def test_a_v1_record_is_neither_reused_nor_replaced_unasked(tiny_stream, one_record, tmp_path):
     cfg = resolve_config(tiny_stream, "naive", 0)
     _copy(one_record, record_path(tmp_path, cfg), schema_version=1, fingerprint=None)
-    with pytest.raises(UserError, match=r"before records had fingerprints \(schema v1\): run 'clsuite migrate .*' "
-                                        r"if its data and scoring did not change since, or re-run it with --force") as e:
+    rec = record_path(tmp_path, cfg)
+    stamp = rec.stat().st_mtime_ns
+    with pytest.raises(UserError, match=r"before records had fingerprints \(schema v1\), so nothing shows what data "
+                                        r"it was made with: re-run it with --force$") as e:
         run_one(tiny_stream, cfg, tmp_path, progress=False)
     assert not isinstance(e.value, FingerprintMismatch)  # a sweep reports it as a failed cell, it does not re-run it
+    assert "migrate" not in str(e.value) and rec.stat().st_mtime_ns == stamp
 
 
 def test_sweep_reruns_a_cell_whose_eval_set_changed_and_run_refuses_it(cli, tmp_path):
@@ -153,7 +164,7 @@ def _copy(src: Path, dest: Path, **change) -> Path:
     return dest
 
 
-def test_leaderboard_refuses_mixed_fingerprints_and_v1_records(one_record, tmp_path):
+def test_leaderboard_refuses_mixed_fingerprints_and_older_records(one_record, tmp_path):
     from clsuite.reports.leaderboard import load_records
     base = json.loads(one_record.read_text())
     fp, cfg = base["fingerprint"], base["config"]
@@ -174,35 +185,64 @@ def test_leaderboard_refuses_mixed_fingerprints_and_v1_records(one_record, tmp_p
                                         r"other config"):
         load_records([a, d])
     v1 = _copy(one_record, tmp_path / "v1" / "seed1.json", seed=1, schema_version=1, fingerprint=None)
-    with pytest.raises(UserError, match=rf"^{re.escape(str(v1))} is a schema v1 record without a fingerprint: "
+    with pytest.raises(UserError, match=rf"^{re.escape(str(v1))} is a schema v1 record \(this clsuite writes v3\): "
                                         rf"run 'clsuite migrate {re.escape(str(v1.parent))}'"):
         load_records([a, v1])
+    v2 = _copy(one_record, tmp_path / "v2" / "seed1.json", seed=1, schema_version=2)  # its fingerprint, all the same
+    with pytest.raises(UserError, match=rf"^{re.escape(str(v2))} is a schema v2 record \(this clsuite writes v3\): "
+                                        r"run 'clsuite migrate .*', which upgrades it if the stream's data is "
+                                        r"unchanged, or re-run it$"):
+        load_records([a, v2])
 
 
-def test_migrate_upgrades_a_v1_record_so_the_leaderboard_takes_it(cli, one_record, tmp_path, tiny_stream_path):
+def _whole_training_rows(stream):
+    """The stream as clsuite trained on it before schema 3: each task's validation rows still in its training rows."""
+    from datasets import concatenate_datasets
+    return dataclasses.replace(stream, tasks=[dataclasses.replace(t, train=concatenate_datasets([t.train, t.val]))
+                                              for t in stream.tasks])
+
+
+def test_migrate_upgrades_only_v2_records_of_unchanged_data(cli, one_record, tmp_path, tiny_stream, tiny_stream_path):
     old = json.loads(one_record.read_text())
-    legacy = {k: v for k, v in old.items() if k != "fingerprint"}
+    legacy = {k: v for k, v in old.items() if k != "split"}  # a v2 record had no split: it scored the test rows
+    cfg0, cfg1 = (resolve_config(tiny_stream, "naive", seed) for seed in (0, 1))
+    assert old["fingerprint"] == fpmod.fingerprint(cfg0, tiny_stream, 3)
     runs = tmp_path / "runs"
-    rec = runs / "tiny-test" / "naive" / "seed0.json"
-    rec.parent.mkdir(parents=True)
-    rec.write_text(json.dumps({**legacy, "schema_version": 1}))
+    same, moved, v1 = (runs / "tiny-test" / "naive" / f"seed{k}.json" for k in (0, 1, 2))
+    same.parent.mkdir(parents=True)
+    same.write_text(json.dumps({**legacy, "schema_version": 2, "fingerprint": fpmod.fingerprint(cfg0, tiny_stream, 2)}))
+    before = fpmod.fingerprint(cfg1, _whole_training_rows(tiny_stream), 2)  # trained on every training row
+    assert changed(before, fpmod.fingerprint(cfg1, tiny_stream, 2)) == ["train_data"]
+    moved.write_text(json.dumps({**legacy, "schema_version": 2, "seed": 1, "config": cfg1.model_dump(),
+                                 "fingerprint": before}))
+    v1.write_text(json.dumps({**{k: v for k, v in legacy.items() if k != "fingerprint"}, "schema_version": 1,
+                              "seed": 2, "config": resolve_config(tiny_stream, "naive", 2).model_dump()}))
+    texts = {f: f.read_text() for f in (same, moved, v1)}
+
     code, _, err = cli("leaderboard", runs, "--out", tmp_path / "lb")
     assert code == 2 and "clsuite migrate" in err, err
     code, _, err = cli("migrate", runs)  # tiny-test is no built-in stream: its YAML must be given
     assert code == 2 and "give the stream of" in err and "--stream NAME_OR_YAML" in err, err
     code, stdout, err = cli("migrate", runs, "--stream", tiny_stream_path, "--dry-run")
-    assert code == 0 and "would migrate 1 record, left 0" in stdout, err
-    assert json.loads(rec.read_text())["schema_version"] == 1
+    assert code == 1 and "would migrate 1 record, left 2" in stdout, (stdout, err)
+    assert {f: f.read_text() for f in texts} == texts
     other = tmp_path / "other.yaml"
     other.write_text(f"include: {TINY}\nprobes: []\n")
     code, stdout, err = cli("migrate", runs, "--stream", other)
-    assert code == 1 and "migrated 0 records, left 1" in stdout and "has tasks" in err, (stdout, err)
+    assert code == 1 and "migrated 0 records, left 3" in stdout and err.count("has tasks") == 2, (stdout, err)
+
     code, stdout, err = cli("migrate", runs, "--stream", tiny_stream_path)
-    assert code == 0 and "migrated 1 record, left 0" in stdout, err
-    assert "asserts that the data and scoring did not change" in stdout
-    new = json.loads(rec.read_text())
-    assert new == {**legacy, "schema_version": 2, "fingerprint": old["fingerprint"]}
-    code, stdout, err = cli("leaderboard", runs, "--out", tmp_path / "lb")
+    assert code == 1 and "migrated 1 record, left 2" in stdout, (stdout, err)
+    assert "a record migrates only when its fingerprint shows" in stdout
+    assert f"left: {moved}: made with other train_data (the training rows changed): re-run it" in err.splitlines()
+    assert f"left: {v1}: a schema v1 record has no fingerprint, so nothing shows what data it was made with: " \
+           "re-run it" in err.splitlines()
+    assert json.loads(same.read_text()) == {**legacy, "schema_version": 3, "split": "test",
+                                            "fingerprint": old["fingerprint"]}
+    assert moved.read_text() == texts[moved] and v1.read_text() == texts[v1]
+    code, stdout, err = cli("leaderboard", same, "--out", tmp_path / "lb")
     assert code == 0 and "| naive " in stdout, err
-    code, stdout, _ = cli("migrate", runs, "--stream", tiny_stream_path)  # nothing left to do
-    assert code == 0 and "migrated 0 records, left 0" in stdout
+    code, stdout, err = cli("leaderboard", runs, "--out", tmp_path / "lb2")  # the ones left are still refused
+    assert code == 2 and "is a schema v" in err, err
+    code, stdout, _ = cli("migrate", runs, "--stream", tiny_stream_path)  # nothing more to do
+    assert code == 1 and "migrated 0 records, left 2" in stdout

@@ -2,12 +2,13 @@ import pandas as pd
 
 from clsuite.reports.leaderboard import aggregate, frame, to_markdown
 from clsuite.fingerprint import PARTS
-from clsuite.records import RunRecord
+from clsuite.records import SCHEMA_VERSION, RunRecord
 
 
 def _rec(strategy, seed, acc, forgetting):
-    return RunRecord(schema_version=2, status="complete", stream="s", strategy=strategy, seed=seed, model="m",
-                     config={}, fingerprint={p: "0" for p in PARTS}, tasks=["a", "b"], probes=[], R=[[0, 0], [1, 0], [acc, acc]], P=[[], [], []],
+    return RunRecord(schema_version=SCHEMA_VERSION, status="complete", stream="s", strategy=strategy, seed=seed,
+                     model="m", config={}, fingerprint={p: "0" for p in PARTS}, tasks=["a", "b"], probes=[],
+                     R=[[0, 0], [1, 0], [acc, acc]], P=[[], [], []],
                      metrics={"acc": acc, "forgetting": forgetting}, cost={"compute_multiplier": 1.0})
 
 
@@ -41,7 +42,7 @@ def test_paired_effect_of_sam():
             _rec("ewc+sam", 0, 0.9, 0.0)]  # no ewc run: no comparison
     eff = paired_effects(frame(recs), metrics=("acc",))
     assert list(eff["comparison"]) == ["sam − naive"]
-    assert eff.iloc[0]["n"] == 2 and eff.iloc[0]["acc"] == "+0.150 ± 0.071"
+    assert eff.iloc[0]["n"] == 2 and eff.iloc[0]["acc"] == "+0.150 ± 0.635 (p 0.20)"  # t(1) = 3.0: p = 0.205 by hand
 
 
 def test_duplicate_cells_are_refused(tmp_path):
@@ -55,6 +56,23 @@ def test_duplicate_cells_are_refused(tmp_path):
     with pytest.raises(UserError, match="both naive seed 0"):
         load_records([tmp_path / "a", tmp_path / "b"])
     assert len(load_records([tmp_path / "a"])[0]) == 1
+
+
+def test_splits_of_one_stream_are_not_ranked_together(tmp_path):
+    import re
+
+    import pytest
+
+    from clsuite.atomic import write_json as atomic_write_json
+    from clsuite.errors import UserError
+    from clsuite.reports.leaderboard import load_records
+    test, val = tmp_path / "test" / "seed0.json", tmp_path / "val" / "seed1.json"
+    atomic_write_json(test, _rec("naive", 0, 0.2, 0.5).model_dump())
+    atomic_write_json(val, {**_rec("naive", 1, 0.4, 0.3).model_dump(), "split": "val"})
+    with pytest.raises(UserError, match=rf"^{re.escape(str(test))} scored the test split and {re.escape(str(val))} the "
+                                        r"val split of s: a leaderboard reports one split \(test\); rank them apart$"):
+        load_records([tmp_path / "test", tmp_path / "val"])
+    assert [r.split for r in load_records([tmp_path / "val"])[0]] == ["val"]
 
 
 def test_retention_by_probe_category():

@@ -71,9 +71,10 @@ def test_instruction_streams_are_alpaca_prompts(tmp_path, name, fixture, instruc
     s = load_stream(str(offline_stream(tmp_path, name)))
     rows = _rows(fixture)
     t = s.tasks[0]
-    assert len(t.train) + len(t.eval) == len(rows) and len(t.eval) >= 1
+    assert len(t.train) + len(t.val) + len(t.eval) == len(rows)
+    assert len(t.eval) == len(t.val) == 1  # eval_size 1%: one test row; as many validation rows
     by_target = {r[output]: r for r in rows}
-    for ex in list(t.train) + list(t.eval):
+    for ex in list(t.train) + list(t.val) + list(t.eval):
         src = by_target[ex["target"]]
         assert ex["prompt"].startswith(HEAD) and ex["prompt"].endswith("### Response:\n")
         assert f"### Instruction:\n{src[instruction]}\n\n" in ex["prompt"]
@@ -86,7 +87,7 @@ def test_instruction_streams_are_alpaca_prompts(tmp_path, name, fixture, instruc
 
 def test_sharegpt_stream_first_exchanges(tmp_path):
     s = load_stream(str(offline_stream(tmp_path, "paper-sharegpt")))
-    rows = list(s.tasks[0].train) + list(s.tasks[0].eval)
+    rows = list(s.tasks[0].train) + list(s.tasks[0].val) + list(s.tasks[0].eval)
     convs = _rows("sharegpt-v3.json")
     assert len(rows) == len(convs) - 1  # the conversation with no answered human turn has no pair
     targets = {r["target"] for r in rows}
@@ -261,14 +262,15 @@ def test_paper_run_sam_one_epoch_vs_adamw_two(tmp_path):
     from clsuite.config import resolve_config
     from clsuite.runner import run_one
     s = load_stream(str(offline_stream(tmp_path, "paper-platypus")))
-    small = {"batch_size": 4, "grad_accum": 2, "max_length": 96, "lr": 1e-3}
+    small = {"batch_size": 6, "grad_accum": 2, "max_length": 96, "lr": 1e-3}
     rows = len(s.tasks[0].train)
+    assert rows == 6  # 8 rows less a test and a validation row: whole batches, so 2 epochs take twice 1's steps
     out = {}
     for spec, epochs in (("naive", 2), ("sam(rho=0.05)+replay(general=1)", 1)):
         cfg = resolve_config(s, spec, 0, train={**small, "epochs": epochs}, eval={"batch_size": 8, "max_length": 96})
         out[spec] = read_record(run_one(s, cfg, tmp_path / "runs", progress=False))
         r = out[spec]
-        assert [e["steps"] for e in r.experiences] == [math.ceil(epochs * rows / 4)]
+        assert [e["steps"] for e in r.experiences] == [math.ceil(epochs * rows / 6)]
         assert r.probes == ["tiny_mc"] and r.probe_categories == {"tiny_mc": "knowledge"}
         assert len(r.P) == 2 and all(0 <= row[0] <= 1 for row in r.P)
         assert r.details[0]["probes"]["tiny_mc"]["n_samples"] == 12

@@ -186,13 +186,22 @@ def test_scorer_invariants_and_direction(name, learned):
     model, tok = learned
     scorer = SCORERS.get(name)
     good = score(name, model, tok, _rows(), False, 32, 4)
-    assert all(isinstance(v, float) and math.isfinite(v) for v in good.values()), good
+    lists = {k for k in good if k == "items" or k.startswith("item_")}  # per-example values, one per row
+    assert "items" in lists and all(len(good[k]) == len(PROMPTS) for k in lists), good
+    assert all(isinstance(v, float) and math.isfinite(v) for k, v in good.items() if k not in lists), good
+    assert all(isinstance(x, (int, float)) and math.isfinite(x) for k in lists for x in good[k]), good
+    assert sum(good["items"]) / len(PROMPTS) == pytest.approx(good["score"], rel=1e-6), "score: the items' mean"
+    if "gold_loglik" in good:
+        assert sum(good["item_gold_loglik"]) / len(PROMPTS) == pytest.approx(good["gold_loglik"], rel=1e-6)
     assert score(name, model, tok, _rows(), False, 32, 4) == good, "deterministic"
     one = score(name, model, tok, _rows(), False, 32, 1)
     assert one.keys() == good.keys()
     assert all(one[k] == pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in good.items()), "batch size independent"
-    bad = score(name, model, tok, _rows(corrupt=True), False, 32, 4)["score"]
+    corrupt = score(name, model, tok, _rows(corrupt=True), False, 32, 4)
+    bad = corrupt["score"]
     assert (good["score"] > bad) if scorer.higher_is_better else (good["score"] < bad), (good["score"], bad)
+    pairs = list(zip(good["items"], corrupt["items"]))  # item by item, in the rows' order
+    assert all((g > b) if scorer.higher_is_better else (g < b) for g, b in pairs), pairs
 
 
 # --- metrics: every registered metric against a hand-computed value on one R, P, L ---------------------------------

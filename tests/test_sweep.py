@@ -33,7 +33,7 @@ def numbers(recs: dict[str, dict]) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"lrr": 1}, "unknown key 'lrr': the keys are streams, strategies, seeds, model, set, eval"),
+    ({"lrr": 1}, "unknown key 'lrr': the keys are streams, strategies, runs, seeds, model, set, eval, selection"),
     ({"seeds": None}, "'seeds' is missing: add it as a list"),
     ({"seeds": ["a"]}, "seeds.0: Input should be a valid integer"),
     ({"seeds": []}, "seeds: List should have at least 1 item"),

@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  (registers the "3d" projection)
 
 from ..atomic import save_figure
+from ..stats import t_half_width
 
 _LEVELS = 30
 
@@ -152,7 +153,7 @@ TRADE_OFFS = {"forgetting": "forgetting ↓ (mean drop from best earlier score)"
 
 def plot_trade_offs(agg: Any, runs: Any, path: Path, title: str, label: Callable[[str, str], str]) -> None:
     """Task score against forgetting of the stream's tasks and of its probes: one panel each (when measured),
-    every run a dot, each strategy's mean ± seed std a bar, so strategies are compared at matched learning."""
+    every run a dot, each strategy's mean ± 95% t interval a bar, so strategies are compared at matched learning."""
     xs = [x for x in TRADE_OFFS if x in agg and agg[x].notna().any()] or ["acc"]
     fig = _new_figure((6.5 * len(xs), 5), dpi=120)
     axes = fig.subplots(1, len(xs), squeeze=False)
@@ -162,8 +163,9 @@ def plot_trade_offs(agg: Any, runs: Any, path: Path, title: str, label: Callable
             mine = runs[(runs.strategy == r["strategy"]) & (runs.tag == r["tag"])]
             ax.scatter(mine[x], mine["acc"], s=12, color=c, alpha=0.5)
             many = r["n"] > 1
-            ax.errorbar(r[x], r["acc"], xerr=r.get(f"{x}_std") if many else None,
-                        yerr=r.get("acc_std") if many else None, fmt="o", capsize=3, color=c)
+            n = int(r["n"])
+            ax.errorbar(r[x], r["acc"], xerr=t_half_width(r.get(f"{x}_std"), n) if many else None,
+                        yerr=t_half_width(r.get("acc_std"), n) if many else None, fmt="o", capsize=3, color=c)
             ax.annotate(f"{label(r['strategy'], r['tag'])} (n={int(r['n'])})", (r[x], r["acc"]),
                         fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set_xlabel(TRADE_OFFS.get(x, x))

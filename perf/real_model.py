@@ -1,0 +1,254 @@
+"""Performance of clsuite on SmolLM2-135M in one run: matmul peak, the engine against a plain training loop, the
+SAM variants against naive, scorer throughput against lm-eval's HFLM, and one smollm2-bbc run timed by phase.
+Each figure is the median of interleaved repeats, its min-max beside it.
+
+    python perf/real_model.py [--repeats 3] [--steps 5] [--threads 2] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import transformers
+
+from clsuite import engine
+from clsuite.config import RunConfig, resolve_config
+from clsuite.data import collate, prompt_text
+from clsuite.engine import Context, evaluate, set_seed, train_experience
+from clsuite.models import load_model
+from clsuite.scoring import choice_logliks
+from clsuite.strategy import build_strategy
+from clsuite.streams import Stream, load_stream
+
+VARIANTS = ("sam", "looksam", "sssam", "aesam", "msam")
+LM_EVAL = {"bos": False, "target_delimiter": " "}  # lm-eval's conventions, so predictions can be compared
+
+
+def figure(values: list[float], fmt: str = "{:.2f}", unit: str = "x") -> str:
+    """``median<unit> (min-max, n repeats)`` of ``values``, the numbers written with ``fmt``."""
+    n, show = len(values), fmt.format
+    return (f"{show(statistics.median(values))}{unit} ({show(min(values))}-{show(max(values))}, "
+            f"{n} repeat{'s' * (n > 1)})")
+
+
+def matmul_peak(repeats: int, n: int = 2048) -> list[float]:
+    """GFLOP/s of fp32 ``n x n`` matmuls in this process, one figure per repeat (after a warm-up)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    a @ b
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        out.append(2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return out
+
+
+def engine_batches(stream: Stream, cfg: RunConfig, tok: Any) -> list[dict[str, torch.Tensor]]:
+    """The batches train_experience draws for the first task (its seeded shuffle), collated in the task's format."""
+    task, tc = stream.tasks[0], cfg.train
+    draw = engine._batches(task.train, tc.batch_size, torch.Generator().manual_seed(cfg.seed * 1000))
+    return [collate(tok, next(draw), task.chat, tc.max_length, **task.conventions()) for _ in range(tc.steps)]
+
+
+def plain_loop(base: torch.nn.Module, batches: list[dict], cfg: RunConfig) -> float:
+    """Seconds per step of a hand-written loop on a copy of ``base``: the model's own loss, AdamW, clip 1.0."""
+    model = copy.deepcopy(base).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    t0 = time.perf_counter()
+    for b in batches:
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        opt.step()
+        float(loss.detach())
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def engine_run(base: torch.nn.Module, tok: Any, stream: Stream, spec: str, steps: int) -> dict[str, float]:
+    """Train ``spec`` through train_experience on the first task from a copy of ``base``: seconds per step,
+    optimizer seconds, non-pad tokens and the SAM-step fraction."""
+    cfg = resolve_config(stream, spec, 0, train={"steps": steps})
+    ctx = Context(copy.deepcopy(base), tok, stream, cfg, build_strategy(spec), random.Random(0), experience=0,
+                  task=stream.tasks[0])
+    spent, start, make = [], [0.0], engine.make_optimizer
+
+    def timed(params: list, cfg: Any) -> torch.optim.Optimizer:  # the engine's optimizer, its steps timed
+        opt = make(params, cfg)
+        opt.register_step_pre_hook(lambda *_: start.__setitem__(0, time.perf_counter()))
+        opt.register_step_post_hook(lambda *_: spent.append(time.perf_counter() - start[0]))
+        return opt
+
+    ctx.call("before_training")
+    ctx.call("before_training_exp")
+    engine.make_optimizer = timed
+    try:
+        out = train_experience(ctx, progress=False)
+    finally:
+        engine.make_optimizer = make
+    report = {k: v for p in ctx.plugins for k, v in p.cost_report().items()}
+    return {"step": out["train_seconds"] / steps, "seconds": out["train_seconds"], "optimizer": sum(spent),
+            "tokens": out["tokens"], "sam": report.get("sam_step_fraction", 0.0)}
+
+
+def useful_flops(model: torch.nn.Module, batches: list[dict]) -> tuple[float, str]:
+    """FLOPs a step needs (dense 6NT, output head at target tokens, attention), and how they were counted."""
+    c = model.config
+    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    lengths = [int(x) for b in batches for x in b["attention_mask"].sum(1)]
+    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    dense, head = 6 * n * sum(lengths), 2 * 3 * c.hidden_size * c.vocab_size * targets
+    attention = sum(4 * c.num_hidden_layers * c.hidden_size * s * s * 3 for s in lengths)
+    how = (f"{dense + head + attention:.3g} FLOPs = 6 x {n / 1e6:.1f}M non-embedding x {sum(lengths)} tokens "
+           f"{dense:.3g} + head at {targets} target tokens {head:.3g} + attention {attention:.3g}")
+    return dense + head + attention, how
+
+
+def training(base: torch.nn.Module, tok: Any, stream: Stream, steps: int, repeats: int, peak: float) -> None:
+    """Engine against the plain loop, and each SAM variant against naive, in interleaved rounds."""
+    cfg = resolve_config(stream, "naive", 0, train={"steps": steps})
+    batches = engine_batches(stream, cfg, tok)
+    plain_loop(base, batches[:1], cfg)  # warm-up
+    engine_run(base, tok, stream, "naive", 1)
+    specs = ["plain", "naive", *VARIANTS]
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in specs}
+    for r in range(repeats):
+        for spec in specs[r % len(specs):] + specs[:r % len(specs)]:  # rotated: no one always runs first
+            runs[spec].append({"step": plain_loop(base, batches, cfg)} if spec == "plain"
+                              else engine_run(base, tok, stream, spec, steps))
+    naive, plain = runs["naive"], runs["plain"]
+    eng = [n["step"] / p["step"] for n, p in zip(naive, plain)]
+    print(f"engine/plain step time: {figure(eng)}; engine "
+          f"{statistics.median(n['step'] for n in naive):.2f} s/step, plain "
+          f"{statistics.median(p['step'] for p in plain):.2f} s/step ({steps} steps x batch {cfg.train.batch_size})")
+    print(f"tokens/s: {figure([n['tokens'] / n['seconds'] for n in naive], '{:.0f}', '')}")
+    flops, how = useful_flops(base, batches)
+    shares = [100 * flops / n["seconds"] / 1e9 / peak for n in naive]
+    print(f"useful FLOPs share of matmul peak: {figure(shares, '{:.1f}', '%')}; {how}")
+    print(f"optimizer step share: {figure([100 * n['optimizer'] / n['seconds'] for n in naive], '{:.1f}', '%')}")
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    print(f"padding waste: {(padded - real) / padded:.1%} ({padded - real} of {padded} padded tokens, "
+          f"{len(batches)} batches)")
+    for v in VARIANTS:
+        ratios = [x["step"] / n["step"] for x, n in zip(runs[v], naive)]
+        print(f"{v}/plain step time: {figure(ratios)} against naive; "
+              f"SAM steps {statistics.median(x['sam'] for x in runs[v]):.2f}")
+
+
+def cloze_items(stream: Stream, n: int) -> list[dict]:
+    """The first ``n`` probe items (each probe in turn), choices without their leading space (the delimiter's)."""
+    rows = [r for p in stream.probes for r in p.eval][:n]
+    return [{"prompt": r["prompt"], "choices": [c.removeprefix(" ") for c in r["choices"]]} for r in rows]
+
+
+def scorer_case(name: str, model: torch.nn.Module, tok: Any, rows: list[dict], chat: bool, repeats: int,
+                batch: int) -> None:
+    """clsuite's choice_logliks against HFLM.loglikelihood on the same items and model: items/s and agreement."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch)  # also puts the model in eval mode
+    requests = [Instance("loglikelihood", {}, (prompt_text(tok, r["prompt"], chat, bos=False), " " + c), i)
+                for i, (r, c) in enumerate((r, c) for r in rows for c in r["choices"])]
+
+    def ours() -> list[list[float]]:
+        return choice_logliks(model, tok, rows, chat, 512, batch, **LM_EVAL)
+
+    def theirs() -> list[list[float]]:
+        it = iter(ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True))
+        return [[next(it) for _ in r["choices"]] for r in rows]
+
+    choice_logliks(model, tok, rows[:2], chat, 512, batch, **LM_EVAL)  # warm-up
+    lm.loglikelihood(requests[:2], disable_tqdm=True)
+    rates: dict[str, list[float]] = {"clsuite": [], "lm-eval": []}
+    scores: dict[str, list[list[float]]] = {}
+    for i in range(repeats):
+        for side, fn in ([("clsuite", ours), ("lm-eval", theirs)][::1 if i % 2 == 0 else -1]):
+            t0 = time.perf_counter()
+            scores[side] = fn()
+            rates[side].append(len(rows) / (time.perf_counter() - t0))
+    ratio = [a / b for a, b in zip(rates["clsuite"], rates["lm-eval"])]
+    print(f"scorer {name}: clsuite {statistics.median(rates['clsuite']):.1f} items/s, lm-eval "
+          f"{statistics.median(rates['lm-eval']):.1f} items/s, ratio {figure(ratio)}")
+    pick = [[max(range(len(s)), key=s.__getitem__) for s in scores[side]] for side in ("clsuite", "lm-eval")]
+    print(f"agreement {name}: {sum(a == b for a, b in zip(*pick))}/{len(rows)} predictions identical")
+
+
+def run_breakdown(stream: Stream, steps: int | None, max_examples: int | None) -> None:
+    """One naive run (seed 0) timed by phase: load, row 0, train, evaluate."""
+    cfg = resolve_config(stream, "naive", 0, train={"steps": steps} if steps else None,
+                         eval={"max_examples": max_examples} if max_examples else None)
+    set_seed(cfg.seed)
+    phases: dict[str, float] = {"load": 0.0, "row 0": 0.0, "train": 0.0, "evaluate": 0.0}
+    t0 = time.perf_counter()
+    model, tok = load_model(cfg.model)
+    phases["load"] = time.perf_counter() - t0
+    ctx = Context(model, tok, stream, cfg, build_strategy("naive"), random.Random(cfg.seed))
+
+    def row() -> None:
+        evaluate(ctx, stream.tasks)
+        evaluate(ctx, stream.probes)
+
+    t0 = time.perf_counter()
+    row()
+    phases["row 0"] = time.perf_counter() - t0
+    ctx.call("before_training")
+    for ctx.experience, ctx.task in enumerate(stream.tasks):
+        t0 = time.perf_counter()
+        ctx.call("before_training_exp")
+        train_experience(ctx, progress=False)
+        ctx.call("after_training_exp")
+        phases["train"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        row()
+        phases["evaluate"] += time.perf_counter() - t0
+    ctx.call("after_training")
+    total = sum(phases.values())
+    print("run wall time breakdown: " + ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in phases.items())
+          + f"; total {total:.1f} s ({cfg.train.steps} steps, "
+          + (f"{max_examples} items per task and probe)" if max_examples else "all items)"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="training steps per timed run (5: one LookSAM period)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (1 repeat, 2 steps, 10 items): a smoke run")
+    a = ap.parse_args()
+    start = time.perf_counter()
+    sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured
+    torch.set_num_threads(a.threads or (1 if a.quick else 2))
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    import lm_eval
+    repeats, steps = (1, 2) if a.quick else (a.repeats, a.steps)
+    cloze, long = (10, 10) if a.quick else (262, 30)
+    print(f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, lm-eval {lm_eval.__version__}{' (--quick: tiny sizes)' if a.quick else ''}")
+    peaks = matmul_peak(3 if a.quick else 10)
+    print(f"matmul peak: {figure(peaks, '{:.1f}', ' GFLOP/s')}")
+    stream = load_stream("smollm2-bbc")
+    base, tok = load_model(stream.model)
+    training(base, tok, stream, steps, repeats, statistics.median(peaks))
+    batch = stream.eval.get("batch_size", 16)
+    scorer_case("short cloze", base, tok, cloze_items(stream, cloze), False, repeats, batch)
+    topics = stream.tasks[0]
+    rows = [{"prompt": r["prompt"], "choices": r["choices"]} for r in topics.eval.select(range(long))]
+    scorer_case("long prompt", base, tok, rows, topics.chat, repeats, batch)
+    del base
+    run_breakdown(stream, 2 if a.quick else None, 10 if a.quick else None)
+    print(f"harness wall time: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
