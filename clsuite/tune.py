@@ -397,12 +397,17 @@ def _selection(grid: TuneGrid, ref: str, stream: str, scored: dict[str, list[Sco
             info["budget"] = budgets[n]
         elif grid.matched and n != "joint":  # joint is a reference row
             m = matched(cands, level)
-            info["matched"] = m.row() if m else None
-            if m:
-                add(m, n, "matched")
-            else:
-                info["matched_note"] = (f"never reaches the reference's validation plasticity {level:.4f} (its "
-                                        f"best: {max(c.val['plasticity'] for c in cands):.4f})")
+            if m is None:  # matched the other way: its most plastic setting, the reference's closest from above
+                m = max(cands, key=lambda c: c.val["plasticity"])
+                r = matched(scored[grid.reference], m.val["plasticity"])
+                add(r, grid.reference, f"matched@{n}")
+                info["matched_reference"] = r.row()
+                info["matched_note"] = (f"never reaches the reference's validation plasticity {level:.4f}: compared "
+                                        f"at its most plastic setting ({m.val['plasticity']:.4f}) with "
+                                        f"{grid.reference} at its setting closest from above "
+                                        f"({r.val['plasticity']:.4f})")
+            info["matched"] = m.row()
+            add(m, n, "matched")
         info["candidates"] = [c.row() for c in cands]
         per[n] = info
     equal = [f"{b['for']} -> {b['for'].split(' - ')[0]} - {k}" for k, b in budgets.items()]

@@ -15,13 +15,12 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from conftest import TINY_STREAM
+from conftest import CLOCK, TINY_STREAM  # CLOCK: wall-clock fields and provenance
 from clsuite.records import find_records, read_record
 from clsuite.sweep import expand, load_grid, run_cells
 
 # 2 strategies x 2 seeds, a checkpoint after the first of the two experiences; EWC's Fisher travels in it
 GRID = {"streams": [TINY_STREAM], "strategies": ["naive", "ewc(samples=8)"], "seeds": [0, 1], "set": {"steps": [3]}}
-CLOCK = {"wall_seconds", "train_seconds", "eval_seconds", "sharpness_seconds", "provenance"}
 
 
 def _strip(x: Any) -> Any:

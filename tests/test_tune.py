@@ -192,7 +192,7 @@ def test_retention_rule_reads_retention_among_plastic_enough_settings():
 @pytest.mark.slow
 def test_selection_follows_validation_where_test_favours_another_setting(tuned, tmp_path):
     grid, out = copy_of(tuned, tmp_path)
-    edit_record(out / "val" / STREAM / "naive" / "lr=0.03_steps=2" / "seed100.json", acc=0.9)
+    edit_record(out / "val" / STREAM / "naive" / "lr=0.03_steps=2" / "seed100.val.json", acc=0.9)
     for p in (out / "test" / STREAM / "naive" / "lr=0.001_steps=2").glob("seed*.json"):
         edit_record(p, acc=1.0)  # the test runs favour the other learning rate
     runner = Runner(run_test=False)

@@ -121,21 +121,29 @@ def _boot(a: list[RunRecord], b: list[RunRecord] | None, m: str) -> str:
     return f"± {iv.half_width:.3f}" if math.isfinite(iv.half_width) else "–"
 
 
-def main_table(rows: list[Row], role: str = "selected") -> tuple[str, list[dict]]:
+def main_table(rows: list[Row], selection: dict[str, Any], role: str = "selected") -> tuple[str, list[dict]]:
     """Each strategy at its ``role`` setting: n, each metric's mean ± 95% t half-width over test seeds, the
-    items-and-seeds half-width of probe retention and forgetting."""
+    items-and-seeds half-width of probe retention and forgetting; † marks a learning rate at the edge of its grid."""
+    per = selection["selection"]["strategies"]
     table, csv = [], []
     for r in [r for r in rows if r.role == role]:
         recs = list(r.records.values())
         vals = {m: [_metric(x, m) for x in recs] for m in SHOWN}
-        cells = [_escape(r.name), _escape(_setting(r)), len(recs)] + [_ci(vals[m]) for m in SHOWN]
+        edge = " †" if _at_edge(per.get(r.name, {}), r.settings) else ""
+        cells = [_escape(r.name), _escape(_setting(r)) + edge, len(recs)] + [_ci(vals[m]) for m in SHOWN]
         cells += [_boot(recs, None, "probe_retention"), _boot(recs, None, "forgetting")]
         table.append(cells)
-        csv.append({"table": role, "strategy": r.name, "setting": _setting(r), "n": len(recs),
-                    **{m: float(np.nanmean(v)) if recs else math.nan for m, v in vals.items()}})
+        csv.append({"table": role, "strategy": r.name, "setting": _setting(r), "lr_at_grid_edge": bool(edge),
+                    "n": len(recs), **{m: float(np.nanmean(v)) if recs else math.nan for m, v in vals.items()}})
     head = ["strategy", "setting", "n"] + [f"{m} {_arrow(m)} (95% CI)" for m in SHOWN] + [
         "probe_retention items+seeds", "forgetting items+seeds"]
     return tabulate(table, headers=head, tablefmt="github", disable_numparse=True), csv
+
+
+def _at_edge(info: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether the chosen learning rate is the smallest or largest of the strategy's candidates (of 3 or more)."""
+    lrs = sorted({c["set"]["lr"] for c in info.get("candidates", []) if "lr" in c.get("set", {})})
+    return len(lrs) >= 3 and settings.get("lr") in (lrs[0], lrs[-1])
 
 
 def _arrow(m: str) -> str:
@@ -143,8 +151,8 @@ def _arrow(m: str) -> str:
 
 
 def _setting(r: Row) -> str:
-    knobs = r.spec.partition("(")[2].rstrip(")").replace("+", " ") if "(" in r.spec else ""
-    return ", ".join(x for x in [knobs, *(f"{k}={v}" for k, v in r.settings.items())] if x)
+    """The strategy's own knobs (its spec, when it has any) and its training settings."""
+    return ", ".join(x for x in [r.spec if "(" in r.spec else "", *(f"{k}={v}" for k, v in r.settings.items())] if x)
 
 
 def references(rows: list[Row]) -> str:
@@ -167,8 +175,8 @@ def effects(rows: list[Row], pairs: list[tuple[str, str]], role_a: str, role_b: 
     two-way bootstrap half-width, and the minimum detectable effect at power 0.8."""
     found = {(r.name, r.role): r for r in rows}
     res: list[dict] = []
-    for a, b in pairs:
-        ra, rb = found.get((a, role_a)), found.get((b, role_b))
+    for a, b in pairs:  # at matched plasticity B may have been matched to A (``matched@A``)
+        ra, rb = found.get((a, role_a)), found.get((b, f"{role_b}@{a}")) or found.get((b, role_b))
         if ra is None or rb is None:
             continue
         seeds = sorted(set(ra.records) & set(rb.records))
@@ -186,7 +194,8 @@ def effects(rows: list[Row], pairs: list[tuple[str, str]], role_a: str, role_b: 
             e["holm"] = adj
             e["mde"] = min_detectable_effect(e["sd"], e["n"], m=len(mine))
     table = [[_escape(e["comparison"]), e["metric"], e["n"], f"{e['diff']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]",
-              e["boot"], _p(e["p"]), _p(e["holm"]) + (" *" if e["holm"] < 0.05 else ""), f"{e['mde']:.3f}"]
+              e["boot"], _p(e["p"]), _p(e["holm"]) + (" *" if e["holm"] < 0.05 else ""),
+              f"{e['mde']:.3f}" if e["sd"] > 0 else "– (no spread)"]
              for e in res]
     head = ["comparison", "metric", "n", "mean diff [95% CI]", "items+seeds", "p", "Holm p", "MDE (power 0.8)"]
     return tabulate(table, headers=head, tablefmt="github", disable_numparse=True), res
@@ -197,24 +206,31 @@ def _p(p: float) -> str:
 
 
 def matched_table(rows: list[Row], selection: dict[str, Any]) -> str:
-    """Each strategy at the setting whose validation plasticity is closest to the reference's from above."""
-    per = selection["selection"]["strategies"]
+    """Each strategy at the setting whose validation plasticity is closest to the reference's from above; one that
+    never reaches it at its most plastic setting, beside the reference's setting matched to it."""
+    per, ref = selection["selection"]["strategies"], selection["selection"]["reference"]
+    found = {(r.name, r.role): r for r in rows}
     out = []
     for name, info in per.items():
-        if "budget" in info or name == "joint":
+        if "budget" in info or name == "joint" or "matched" not in info:
             continue
-        r = next((r for r in rows if r.name == name and r.role == "matched"), None)
-        if r is None:
-            out.append([_escape(name), info.get("matched_note", "not run"), "", "", "", ""])
-            continue
-        recs = list(r.records.values())
-        val = info["matched"]["val"]["plasticity"]
-        out.append([_escape(name), _escape(_setting(r)), f"{val:.3f}", len(recs),
-                    _ci([_metric(x, "plasticity") for x in recs]), _ci([_metric(x, "probe_retention") for x in recs])
-                    + f" ; forgetting {_ci([_metric(x, 'forgetting') for x in recs])}"])
+        pairs = [(name, found.get((name, "matched")), info["matched"])]
+        if "matched_reference" in info:
+            pairs.append((f"{ref} (matched to {name})", found.get((ref, f"matched@{name}")), info["matched_reference"]))
+        for label, r, cand in pairs:
+            if r is None:
+                out.append([_escape(label), "not run", "", "", "", "", ""])
+                continue
+            recs = list(r.records.values())
+            out.append([_escape(label), _escape(_setting(r)), f"{cand['val']['plasticity']:.3f}", len(recs),
+                        _ci([_metric(x, "plasticity") for x in recs]),
+                        _ci([_metric(x, "probe_retention") for x in recs]),
+                        _ci([_metric(x, "forgetting") for x in recs])])
     head = ["strategy", "matched setting", "val plasticity", "n", "test plasticity (95% CI)",
-            "test probe_retention ; forgetting (95% CI)"]
-    return tabulate(out, headers=head, tablefmt="github", disable_numparse=True)
+            "test probe_retention (95% CI)", "test forgetting (95% CI)"]
+    notes = [f"- {_escape(n)}: {_escape(i['matched_note'])}" for n, i in per.items() if i.get("matched_note")]
+    return tabulate(out, headers=head, tablefmt="github", disable_numparse=True) + (
+        "\n\n" + "\n".join(notes) if notes else "")
 
 
 def plot_frontier(selection: dict[str, Any], path: Path) -> None:
@@ -228,10 +244,10 @@ def plot_frontier(selection: dict[str, Any], path: Path) -> None:
         pts = [(x, y) for x, y in pts if y is not None]
         if not pts:
             continue
-        c = f"C{k % 10}"
-        ax.scatter(*zip(*pts), s=14, color=c, alpha=0.6)
+        c, style = f"C{k % 10}", "-" if k < 10 else "--"  # past ten strategies the colours repeat, dashed
+        ax.scatter(*zip(*pts), s=14, color=c, alpha=0.6, marker="o" if k < 10 else "s")
         front = sorted(p for p in pts if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts))
-        ax.plot(*zip(*front), color=c, linewidth=1.2, label=name)
+        ax.plot(*zip(*front), color=c, linestyle=style, linewidth=1.2, label=name)
         sel = info["selected"]["val"]
         if sel.get("probe_retention") is not None:
             ax.scatter([sel["plasticity"]], [sel["probe_retention"]], s=90, facecolors="none", edgecolors=c)
@@ -260,7 +276,7 @@ def publish_protocol(tune_dir: Path, stream: str, out: Path) -> str:
         raise UserError(f"test records missing for {', '.join(missing)}: run 'clsuite tune' again to finish them")
     names = [n for n in sel["strategies"] if "budget" not in sel["strategies"][n]]
     family = [tuple(f.split(" - ")) for f in sel["family"]]
-    main, csv = main_table(rows)
+    main, csv = main_table(rows, selection)
     eff, eff_rows = effects(rows, family, "selected", "selected")
     matched_eff, _ = effects(rows, family, "matched", "matched")
     budget_pairs = [tuple(e.split(" -> ")[1].split(" - ")) for e in sel["equal_compute"]]
@@ -273,12 +289,15 @@ def publish_protocol(tune_dir: Path, stream: str, out: Path) -> str:
         f"(n = {n} per row). `mean ± h`: h is the half-width of the 95% Student t interval over test seeds; "
         "`items+seeds`: half-width of the 95% two-way bootstrap interval over evaluation items and seeds. "
         f"{len(names)} tuned strategies.", "",
-        "## Selected settings", "", main, "",
+        "## Selected settings", "", main, "", "†: the selected learning rate is at the edge of the grid tried; a "
+        "wider grid might have chosen otherwise.", "",
         "## Reference rows", "", references(rows), "",
         "## Paired effects (selected settings)", "",
         "Paired by test seed. Holm-adjusted over the declared family, per metric; `*`: distinguishable from zero at "
         "0.05 after adjustment. MDE: the smallest true difference a paired t test over these n seeds detects with "
-        "power 0.8 at the adjusted level, given the observed spread of differences.", "", eff, "",
+        "power 0.8 at the adjusted level, given the observed spread of differences; `no spread`: every paired "
+        "difference is the same (e.g. both sides at the floor of the metric), so no effect size can be read.", "",
+        eff, "",
         "## Matched plasticity", "",
         f"Reference: {sel['reference']} at its selected setting, validation plasticity "
         f"{sel['reference_val_plasticity']:.3f}; each strategy at its setting closest to it from above.", "",
