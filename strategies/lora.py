@@ -29,14 +29,13 @@ from clsuite.errors import UserError
 from clsuite.strategy import Params, Strategy, register
 
 
-class LoRAParams(Params):
+class AdapterParams(Params):
+    """The adapter's shape, shared by lora and olora."""
     r: int = Field(8, ge=1, description="rank of the adapter")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
     target_modules: list[str] | Literal["all-linear"] = Field(
         ["q_proj", "v_proj"], description="module name suffixes to adapt, or all-linear")
-    mode: Literal["continue", "merge"] = Field(
-        "continue", description="continue: one adapter for all tasks; merge: a new adapter per task, merged after it")
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -48,6 +47,11 @@ class LoRAParams(Params):
         if isinstance(v, (list, tuple)) and not v:
             raise ValueError("name at least one module, e.g. [q_proj, v_proj], or all-linear")
         return v
+
+
+class LoRAParams(AdapterParams):
+    mode: Literal["continue", "merge"] = Field(
+        "continue", description="continue: one adapter for all tasks; merge: a new adapter per task, merged after it")
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:

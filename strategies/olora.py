@@ -2,35 +2,26 @@
 its A orthogonal to the earlier tasks' A (docs/strategies.md)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from clsuite.numerics import at_least_float32
 from clsuite.strategies._anchored import tensor_bytes
-from clsuite.strategies.lora import LoRA, LoRAParams
+from clsuite.strategies.lora import AdapterParams, LoRA
 from clsuite.strategies.wiseft import canonical_name, lora_layers
-from clsuite.strategy import Conflict, Params, register
+from clsuite.strategy import Conflict, register
 
 NO_ANCHOR = ("each task trains a fresh adapter that no stored anchor or starting point refers to, so the penalty "
              "cannot apply; use olora alone (its orthogonality term protects earlier tasks), or the penalty with "
              "lora (mode=continue)")
 
 
-class OLoRAParams(Params):
-    r: int = Field(8, ge=1, description="rank of each task's adapter")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (training only)")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        ["q_proj", "v_proj"], description="module name suffixes to adapt, or all-linear")
+class OLoRAParams(AdapterParams):
+    """Each task's adapter (as lora's) and the weights of O-LoRA's two terms."""
     lambda_1: float = Field(0.5, ge=0, description="weight of the orthogonality term sum_i sum_modules |A_i A_t^T|")
     lambda_2: float = Field(0.0, ge=0, description="weight of the L2 term ||theta_t||^2 on the new adapter's A and B")
-
-    @field_validator("target_modules", mode="before")
-    @classmethod
-    def _targets(cls, v: Any) -> Any:
-        return LoRAParams._targets(v)
 
 
 def adapter_a(model: torch.nn.Module) -> dict[str, torch.Tensor]:
