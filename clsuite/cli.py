@@ -1,4 +1,4 @@
-"""The ``clsuite`` command line: run, sweep, tune, migrate, list, leaderboard, site, export, show, landscape,
+"""The ``clsuite`` command line: run, sweep, tune, migrate, list, leaderboard, site, export, show, overlap, landscape,
 landscape-compare, correlate."""
 from __future__ import annotations
 
@@ -276,6 +276,28 @@ def show(record: Path = typer.Argument(..., help="a run-record .json")) -> None:
     rows = [[f"after {r.tasks[i - 1]}" if i else "initial", *row, *p] for i, (row, p) in enumerate(zip(r.R, r.P))]
     typer.echo(tabulate(rows, headers=["", *r.tasks, *[f"probe:{p}" for p in r.probes]], floatfmt=".3f"))
     typer.echo(json.dumps({"metrics": r.metrics, "cost": r.cost, "wall_seconds": r.wall_seconds}, indent=1))
+
+
+@app.command()
+def overlap(
+    stream: str = typer.Option(..., "--stream", help="a built-in stream name or a stream YAML"),
+    n: int = typer.Option(4, "--n", min=1, help="word n-gram length"),
+) -> None:
+    """Contamination check: for each task (and the general data) and each probe, the share of probe items whose gold
+    answer occurs in the training rows, is a training target, or shares a word n-gram with them."""
+    from tabulate import tabulate
+
+    from .overlap import stream_overlap
+    from .streams import load_stream
+    rows = stream_overlap(load_stream(stream), n)
+    print(tabulate([[r["task"], r["probe"], r["items"], f"{r['answer']:.1%}", f"{r['target']:.1%}",
+                     f"{r['ngram']:.1%}"] for r in rows],
+                   headers=["training rows", "probe", "items", "answer in text", "answer is a target",
+                            f"shares a {n}-gram"], tablefmt="github"))
+    for r in rows:
+        for kind, ex in r["examples"].items():
+            if ex and kind != "answer":
+                print(f"{r['task']} / {r['probe']} ({kind}): " + "; ".join(ex))
 
 
 @app.command()

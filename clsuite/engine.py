@@ -184,11 +184,11 @@ def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
             "loss_curve": losses[:: max(1, len(losses) // 50)]}
 
 
-def evaluate(ctx: Context, tasks: list[Task]) -> dict[str, dict[str, float]]:
+def evaluate(ctx: Context, tasks: list[Task], progress: bool = False) -> dict[str, dict[str, float]]:
     """Score every task's eval split with its scorer."""
     ecfg = ctx.config.eval
     out = {}
-    for t in tasks:
+    for t in tqdm(tasks, desc="  evaluate", unit="task", leave=False, disable=not progress):
         if t.lm_eval is not None:  # lm-evaluation-harness on the in-memory model (clsuite.lm_eval_probe)
             out[t.name] = t.lm_eval.score(ctx.model, ctx.tokenizer, ecfg.batch_size, ecfg.max_examples)
             continue
@@ -228,7 +228,8 @@ def run_stream(ctx: Context, progress: bool = True, hooks: RunHooks | None = Non
                                                              ctx.config.eval.sharpness_examples)
             experiences[-1]["sharpness_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rows.append(cached or {"tasks": evaluate(ctx, stream.tasks), "probes": evaluate(ctx, stream.probes)})
+        rows.append(cached or {"tasks": evaluate(ctx, stream.tasks, progress),
+                               "probes": evaluate(ctx, stream.probes, progress)})
         bad = [n for part in rows[-1].values() for n, r in part.items() if not math.isfinite(r["score"])]
         if bad:  # NaN weights can give NaN scores before any NaN loss is seen (e.g. a huge step)
             raise DivergenceError(f"non-finite score on {', '.join(bad)} after {len(rows) - 1} experience(s): "

@@ -217,7 +217,7 @@ def migrate_records(paths: list[Path], stream_ref: str | None = None, dry_run: b
     proves its training rows, evaluation items and scoring equal the stream's as loaded now (test split) and its
     config validates; records without a fingerprint (v1) cannot be checked and are left.
     Returns (migrated files, lines for the records left as they were)."""
-    from .streams import for_split, load_stream  # loads datasets: only here
+    from .streams import for_split, in_order, load_stream  # loads datasets: only here
     streams: dict[str, Stream] = {}
     done, left = [], []
     for f in find_records(paths):
@@ -235,12 +235,12 @@ def migrate_records(paths: list[Path], stream_ref: str | None = None, dry_run: b
             except UserError as e:
                 hint = "" if stream_ref else f"; give the stream of {f} with --stream NAME_OR_YAML"
                 raise UserError(f"{e}{hint}") from None
-        s = streams[ref]
         try:
             cfg = RunConfig.model_validate(r.config)
         except pydantic.ValidationError as e:
             left.append(f"{f}: its config does not validate now ({pydantic_message(e, RunConfig, first_only=True)})")
             continue
+        s = in_order(streams[ref], cfg.seed)
         tasks, probes = [t.name for t in s.tasks], [p.name for p in s.probes]
         if (r.stream, r.tasks, r.probes) != (s.name, tasks, probes) or cfg.stream != s.name:
             left.append(f"{f}: made on stream {r.stream!r} with tasks {r.tasks} and probes {r.probes}; stream "

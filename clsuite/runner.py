@@ -18,7 +18,7 @@ from .models import load_model
 from .provenance import provenance
 from .records import cell_fingerprint, failed_record, fill_record, new_record, read_record, record_path
 from .strategy import build_strategy
-from .streams import Stream, for_split
+from .streams import Stream, for_split, in_order
 
 
 def save_model(model: Any, tokenizer: Any, dest: Path) -> Path:
@@ -84,7 +84,7 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
     state after the last finished experience (docs/resume.md). Under torchrun every rank trains, rank 0 evaluates
     and writes."""
     dist.init_from_env()
-    stream = for_split(stream, cfg.eval.split)  # what is scored, recorded and fingerprinted
+    stream = in_order(for_split(stream, cfg.eval.split), cfg.seed)  # what is trained, scored and fingerprinted
     dist.check_batch(cfg.train.batch_size, cfg.train.grad_accum)  # before the first evaluation, not after it
     progress = progress and dist.is_main()
     path = record_path(out, cfg, tag)

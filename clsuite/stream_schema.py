@@ -148,3 +148,5 @@ class StreamSpec(_Strict):
     tasks: list[Any] | None = Field(None, description="a list of tasks: name, scorer, source, ...")
     probes: list[Any] | None = None
     general_data: DataSpec | None = None
+    orders: list[list[OneLine]] | None = Field(None, description="task orders: a run with seed k trains the tasks in "
+                                                          "orders[k mod len(orders)] (default: as listed)")

@@ -60,6 +60,7 @@ class Stream:
     description: str = ""
     source_file: str = ""
     general: Dataset | None = None  # general-purpose training data, for rehearsal (never a probe)
+    orders: list[list[str]] | None = None  # task orders by seed (in_order); None: as listed
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -300,8 +301,21 @@ def load_stream(name_or_path: str) -> Stream:
     general = None
     if spec.general_data is not None:
         general, _, _ = _splits(spec.general_data, seed, False, f"{where}, general_data")
+    names = sorted(t.name for t in tasks)
+    for order in spec.orders or []:
+        if sorted(order) != names:
+            raise UserError(f"{where}: orders entry {order} must name each task once ({', '.join(names)}); fix it")
     return Stream(name, tasks, probes, spec.model, chat, doc.get("train") or {}, doc.get("eval") or {},
-                  spec.description, str(path), general)
+                  spec.description, str(path), general, spec.orders)
+
+
+def in_order(stream: Stream, seed: int) -> Stream:
+    """The stream with its tasks in the order a run with ``seed`` trains them (``orders[seed mod len]``)."""
+    if not stream.orders:
+        return stream
+    by_name = {t.name: t for t in stream.tasks}
+    order = stream.orders[seed % len(stream.orders)]
+    return dataclasses.replace(stream, tasks=[by_name[n] for n in order])
 
 
 SPLITS = ("test", "val")

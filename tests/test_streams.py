@@ -279,3 +279,32 @@ def test_cli_refuses_a_misspelt_key_with_exit_2(tmp_path):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
     assert "stream s.yaml: trian: unknown key; did you mean 'train'?" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# --- task orders: each seed trains the tasks in one of the stream's orders ---------------------------------------
+TASK_B = TASK.replace("name: a", "name: b").replace("addition", "reversal")
+
+
+def test_orders_give_each_seed_its_task_order(tmp_path):
+    from clsuite.streams import in_order
+    s = load_stream(_stream(tmp_path, top="orders: [[a, b], [b, a]]\n", task=TASK + "\n  - " + TASK_B))
+    assert [t.name for t in s.tasks] == ["a", "b"]
+    assert [[t.name for t in in_order(s, k).tasks] for k in range(4)] == [["a", "b"], ["b", "a"]] * 2
+    plain = load_stream(_stream(tmp_path, task=TASK + "\n  - " + TASK_B))
+    assert in_order(plain, 1) is plain  # no orders: as listed
+
+
+@pytest.mark.parametrize("orders", ["[[a, b], [a]]", "[[a, a]]", "[[a, c]]"])
+def test_an_order_must_name_each_task_once(tmp_path, orders):
+    with pytest.raises(UserError, match=r"orders entry .* must name each task once \(a, b\)"):
+        load_stream(_stream(tmp_path, top=f"orders: {orders}\n", task=TASK + "\n  - " + TASK_B))
+
+
+def test_a_run_trains_and_records_its_seeds_order(tmp_path):
+    """The record's task list (its R columns) is the order trained, and the fingerprint differs by order."""
+    from clsuite.config import resolve_config
+    from clsuite.records import cell_fingerprint
+    from clsuite.streams import in_order
+    s = load_stream(_stream(tmp_path, top="orders: [[a, b], [b, a]]\n", task=TASK + "\n  - " + TASK_B))
+    fps = [cell_fingerprint(resolve_config(s, "naive", k), in_order(s, k))["train_data"] for k in (0, 1, 2)]
+    assert fps[0] == fps[2] != fps[1]

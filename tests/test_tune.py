@@ -306,7 +306,8 @@ def test_space_samples_budget_settings_deterministically_in_space_order():
 def test_protocol_report(tuned, tmp_path):
     md = publish_protocol(tuned.out, STREAM, tmp_path / "lb")
     heads = [line for line in md.splitlines() if line.startswith("## ")]
-    for section in ("Selected settings", "Paired effects", "Matched plasticity", "Equal compute", "Reference rows"):
+    for section in ("Selected settings", "Paired effects", "Matched plasticity", "Equal compute", "Reference rows",
+                    "General ability by probe category", "Per task order"):
         assert any(h.startswith(f"## {section}") for h in heads), section
     assert "sam - naive -> sam - naive@2.0x" in md
     csv = pd.read_csv(tmp_path / "lb" / "leaderboard.csv")
@@ -351,6 +352,22 @@ def test_equal_compute_scales_the_selected_settings_steps(tmp_path, monkeypatch)
     per = doc["selection"]["strategies"]
     assert per["naive"]["selected"]["set"] == {"lr": 1e-3, "steps": 3}
     assert per["naive@2.0x"]["budget"]["steps"] == 6  # 3 selected steps x 2.0
+
+
+def test_equal_compute_can_name_the_comparisons(tmp_path, monkeypatch):
+    """A list gives equal compute to the comparisons named only; a name not tuned is a one-line error."""
+    monkeypatch.setitem(tune.RULES._items, "last", lambda cands, ref, rule: cands[-1])
+    strategies = {"naive": {"lr": [1e-3]}, "sam": {"lr": [1e-3]}, "ewc": {"lr": [1e-3]}}
+    doc = {**grid_doc(test_seeds=[], rule={"name": "last"}), "set": {}, "strategies": strategies,
+           "family": ["sam - naive", "ewc - naive"], "equal_compute": ["ewc - naive"]}
+    monkeypatch.setattr(tune, "costs", lambda grid, ref, chosen, names, path: {
+        n: {"seconds_per_step": {"naive": 1.0, "sam": 2.0, "ewc": 1.5}[n]} for n in names})
+    grid = write_grid(tmp_path / "g.yaml", doc)
+    per = yaml.safe_load(tune.run_tune(grid, tmp_path / "out", run=Runner())[STREAM].read_text())
+    assert {n for n in per["selection"]["strategies"] if "@" in n} == {"naive@1.5x"}
+    write_grid(tmp_path / "bad.yaml", {**doc, "equal_compute": ["sam - nave"]})
+    with pytest.raises(UserError, match="family entry 'sam - nave'"):
+        tune.run_tune(tmp_path / "bad.yaml", tmp_path / "out2", run=Runner())
 
 
 # --- 8. joint --------------------------------------------------------------------------------------------------

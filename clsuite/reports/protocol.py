@@ -17,10 +17,10 @@ from ..errors import UserError
 from ..metrics import METRICS
 from ..records import RunRecord, item_scores
 from ..stats import holm, min_detectable_effect, paired_test, t_interval, two_way_bootstrap
-from .leaderboard import _escape, load_records
+from .leaderboard import _escape, category_retention, load_records
 from .plots import _new_figure
 
-SHOWN = ("acc", "forgetting", "plasticity", "probe_retention")  # the table's metrics
+SHOWN = ("acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention")  # the table's metrics
 EFFECTS = ("acc", "forgetting", "probe_retention")  # the paired comparisons' metrics
 N_BOOT = 2000
 
@@ -170,6 +170,38 @@ def references(rows: list[Row]) -> str:
                     tablefmt="github", disable_numparse=True)
 
 
+def categories_table(rows: list[Row], role: str = "selected") -> str:
+    """Each strategy's change of general ability per probe category (TRACE's general ability delta, the paper's
+    ΔAVG): mean ± 95% t half-width over test seeds of mean_p in category (P[T, p] − P[0, p])."""
+    sel = [r for r in rows if r.role == role and r.records]
+    cats = sorted({c for r in sel for x in r.records.values() for c in category_retention(x)})
+    if not cats:
+        return "No probes."
+    table = [[_escape(r.name), len(r.records)] + [_ci([category_retention(x).get(c, math.nan)
+                                                       for x in r.records.values()]) for c in cats] for r in sel]
+    return tabulate(table, headers=["strategy", "n"] + [f"{c} ↑ (95% CI)" for c in cats], tablefmt="github",
+                    disable_numparse=True)
+
+
+def orders_table(rows: list[Row], role: str = "selected", metrics: tuple[str, ...] = ("acc", "bwt",
+                                                                                      "probe_retention")) -> str:
+    """Each strategy's means per task order (its test seeds grouped by the order they trained in); one line per
+    strategy when every seed trained in one order."""
+    sel = [r for r in rows if r.role == role and r.records]
+    orders = sorted({tuple(x.tasks) for r in sel for x in r.records.values()})
+    if len(orders) < 2:
+        return "Every test seed trained the tasks in the same order."
+    table = []
+    for r in sel:
+        for i, order in enumerate(orders):
+            recs = [x for x in r.records.values() if tuple(x.tasks) == order]
+            table.append([_escape(r.name), f"{i + 1}", len(recs)] + [_ci([_metric(x, m) for x in recs])
+                                                                     for m in metrics])
+    legend = "; ".join(f"{i + 1}: {' → '.join(map(_escape, o))}" for i, o in enumerate(orders))
+    return tabulate(table, headers=["strategy", "order", "n"] + [f"{m} {_arrow(m)} (95% CI)" for m in metrics],
+                    tablefmt="github", disable_numparse=True) + f"\n\nOrders: {legend}."
+
+
 def effects(rows: list[Row], pairs: list[tuple[str, str]], role_a: str, role_b: str) -> tuple[str, list[dict]]:
     """Paired by test seed: A − B per metric, mean [95% CI], p, Holm-adjusted p (over the pairs, per metric), the
     two-way bootstrap half-width, and the minimum detectable effect at power 0.8."""
@@ -292,6 +324,8 @@ def publish_protocol(tune_dir: Path, stream: str, out: Path) -> str:
         "## Selected settings", "", main, "", "†: the selected learning rate is at the edge of the grid tried; a "
         "wider grid might have chosen otherwise.", "",
         "## Reference rows", "", references(rows), "",
+        "## General ability by probe category (selected settings)", "", categories_table(rows), "",
+        "## Per task order (selected settings)", "", orders_table(rows), "",
         "## Paired effects (selected settings)", "",
         "Paired by test seed. Holm-adjusted over the declared family, per metric; `*`: distinguishable from zero at "
         "0.05 after adjustment. MDE: the smallest true difference a paired t test over these n seeds detects with "
