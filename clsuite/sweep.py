@@ -38,6 +38,7 @@ class RunEntry(BaseModel):
     set_: dict[str, Any] = Field({}, alias="set")
     name: StrictStr = ""  # informational: the tuned strategy it stands for
     roles: list[StrictStr] = []  # informational: selected, matched, budget=<k>x
+    seeds: list[StrictInt] = []  # more seeds for this entry, after the grid's (e.g. a protocol's primary rows)
 
 
 class Grid(BaseModel):
@@ -180,7 +181,7 @@ def expand(grid: Grid, grid_path: Path, out: Path) -> list[Cell]:
         for entry in entries:
             for combo in combos:
                 tagged = sorted({*keys, *entry.set_})
-                for seed in grid.seeds:
+                for seed in [*grid.seeds, *(k for k in entry.seeds if k not in grid.seeds)]:
                     cfg = resolve_config(s, entry.strategy, seed, grid.model, {**combo, **entry.set_}, grid.eval)
                     cells.append(Cell(ref, cfg, run_tag(cfg.train, tagged) if tagged else "",
                                       str(Path(out).resolve())))

@@ -43,6 +43,8 @@ class TuneGrid(BaseModel):
                                                         "training settings (lr, steps, ...) or the strategy's own")
     tuning_seeds: list[StrictInt] = Field(min_length=1)
     test_seeds: list[StrictInt] = []
+    primary_seeds: list[StrictInt] = Field([], description="more test seeds for the rows the family compares (its "
+                                                           "strategies, their matched and equal-compute rows)")
     budget: StrictInt = Field(8, ge=1, description="settings tried per strategy (a seeded sample of a larger space)")
     rule: Rule = Rule()
     reference: StrictStr = Field("naive", description="the strategy whose selected validation plasticity the "
@@ -53,13 +55,15 @@ class TuneGrid(BaseModel):
     family: list[StrictStr] | None = Field(None, description="paired comparisons 'A - B', declared before the test "
                                                              "runs (default: each X+sam - X, and each strategy - "
                                                              "reference)")
+    secondary: list[StrictStr] = Field([], description="more comparisons 'A - B', reported apart with their own "
+                                                       "Holm adjustment (exploratory)")
     model: StrictStr | None = None
     set_: dict[str, Any] = Field({}, alias="set", description="training settings fixed for every cell")
     eval: dict[str, Any] = {}
 
     @pydantic.model_validator(mode="after")
     def _disjoint_seeds(self) -> "TuneGrid":
-        both = sorted(set(self.tuning_seeds) & set(self.test_seeds))
+        both = sorted(set(self.tuning_seeds) & set(self.test_seeds + self.primary_seeds))
         if both:
             raise ValueError(f"tuning_seeds and test_seeds share {both}: a setting must never be reported on the "
                              "run that selected it; use e.g. tuning_seeds: [100, 101] and test_seeds: [0, 1, 2, 3, 4]")
@@ -329,6 +333,7 @@ def run_tune(path: Path, out: Path, test_seeds: list[int] | None = None,
         names = list(sp)
         family = parse_family(grid.family or default_family([n for n in names if n != "joint"], grid.reference),
                               names, where)
+        secondary = parse_family(grid.secondary, names, where)
 
         def tuned(keys: list[str]) -> dict[str, list[Scored]]:
             runs = {(k, st): cells(grid, ref, st, grid.tuning_seeds, "val", val_out) for k in keys for st in sp[k]}
@@ -359,7 +364,7 @@ def run_tune(path: Path, out: Path, test_seeds: list[int] | None = None,
                                for st in same_but_lr(sp[b], chosen[b].setting)]
             scored.update(tuned(list(budgets)))
             chosen.update({n: rule(scored[n], scored[grid.reference], grid.rule) for n in budgets})
-        doc = _selection(grid, ref, stream, scored, chosen, family, budgets, cost)
+        doc = _selection(grid, ref, stream, scored, chosen, family, budgets, cost, secondary)
         write_selected(d / SELECTED, doc)
         written[stream] = d / SELECTED
         if grid.test_seeds:
@@ -377,8 +382,8 @@ def _ran(outcomes: list[Any]) -> None:
 
 
 def _selection(grid: TuneGrid, ref: str, stream: str, scored: dict[str, list[Scored]], chosen: dict[str, Scored],
-               family: list[tuple[str, str]], budgets: dict[str, dict[str, Any]], cost: dict[str, dict[str, Any]]
-               ) -> dict[str, Any]:
+               family: list[tuple[str, str]], budgets: dict[str, dict[str, Any]], cost: dict[str, dict[str, Any]],
+               secondary: list[tuple[str, str]] = ()) -> dict[str, Any]:
     """selected.yaml: the sweep grid of the test runs (streams, runs, model, eval) and ``selection``: the rule, the
     candidates with their validation scores, what was chosen and why."""
     level = chosen[grid.reference].val["plasticity"]
@@ -413,8 +418,17 @@ def _selection(grid: TuneGrid, ref: str, stream: str, scored: dict[str, list[Sco
         info["candidates"] = [c.row() for c in cands]
         per[n] = info
     equal = [f"{b['for']} -> {b['for'].split(' - ')[0]} - {k}" for k, b in budgets.items()]
+    primary = {n for pair in family for n in pair} | {k for k, b in budgets.items() if tuple(b["for"].split(" - "))
+                                                      in family}
+    for entry in runs.values():  # a row the family reads: its own name or a role it plays for a primary strategy
+        names = {entry["name"]} | {r.partition(":")[2] for r in entry["roles"]} | {
+            r.partition("@")[2].partition(":")[0] for r in entry["roles"] if r.startswith("matched@")}
+        if grid.primary_seeds and names & primary:
+            entry["seeds"] = list(grid.primary_seeds)
     return {"streams": [ref], "model": grid.model, "eval": dict(grid.eval), "runs": list(runs.values()),
             "selection": {"stream": stream, "rule": grid.rule.model_dump(), "reference": grid.reference,
                           "reference_val_plasticity": round(level, 4), "tuning_seeds": list(grid.tuning_seeds),
-                          "test_seeds": list(grid.test_seeds), "family": [f"{a} - {b}" for a, b in family],
+                          "test_seeds": list(grid.test_seeds), "primary_seeds": list(grid.primary_seeds),
+                          "family": [f"{a} - {b}" for a, b in family],
+                          "secondary": [f"{a} - {b}" for a, b in secondary],
                           "equal_compute": equal, "strategies": per}}

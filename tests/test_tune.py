@@ -313,7 +313,11 @@ def test_protocol_report(tuned, tmp_path):
     csv = pd.read_csv(tmp_path / "lb" / "leaderboard.csv")
     main = csv[csv["table"] == "selected"]
     assert set(main["strategy"]) == {"naive", "sam", "joint", "naive@2.0x"} and set(main["n"]) == {2}
-    assert set(csv.loc[csv["table"] == "effect", "comparison"]) == {"sam − naive"}
+    effect = csv[csv["table"] == "effect"]  # the family at selected and matched settings, and at equal compute
+    assert set(zip(effect["comparison"], effect["kind"])) == {
+        ("sam − naive", "selected"), ("sam − naive", "matched"), ("sam − naive@2.0x", "equal compute")}
+    for _, part in effect.groupby("metric"):  # Holm over the three together: never below the raw p
+        assert (part["holm"] >= part["p"] - 1e-12).all() and part["holm"].max() >= part["p"].max()
     assert (tmp_path / "lb" / "tradeoff.png").stat().st_size > 0
 
 
@@ -368,6 +372,27 @@ def test_equal_compute_can_name_the_comparisons(tmp_path, monkeypatch):
     write_grid(tmp_path / "bad.yaml", {**doc, "equal_compute": ["sam - nave"]})
     with pytest.raises(UserError, match="family entry 'sam - nave'"):
         tune.run_tune(tmp_path / "bad.yaml", tmp_path / "out2", run=Runner())
+
+
+def test_primary_seeds_go_to_the_rows_the_family_reads_and_secondary_is_apart(tmp_path, monkeypatch):
+    """Extra test seeds for the family's rows only; a secondary comparison in its own table; overlapping seeds refused."""
+    monkeypatch.setitem(tune.RULES._items, "last", lambda cands, ref, rule: cands[-1])
+    doc = {**grid_doc(rule={"name": "last"}), "strategies": {"naive": {"lr": [1e-3]}, "sam": {"lr": [1e-3]},
+                                                             "ewc": {"lr": [1e-3]}},
+           "family": ["sam - naive"], "secondary": ["ewc - naive"], "primary_seeds": [2]}
+    runner = Runner()
+    sel = yaml.safe_load(tune.run_tune(write_grid(tmp_path / "g.yaml", doc), tmp_path / "out",
+                                       run=runner)[STREAM].read_text())
+    seeds = {e["name"]: e.get("seeds", []) for e in sel["runs"]}
+    assert seeds == {"naive": [2], "sam": [2], "ewc": []}
+    ran = {(Path(p).relative_to(tmp_path / "out" / "test").parts[1], Path(p).stem) for p in runner.test_cells}
+    assert ran == {(n, f"seed{k}") for n in ("naive", "sam") for k in (0, 1, 2)} | {("ewc", "seed0"), ("ewc", "seed1")}
+    md = publish_protocol(tmp_path / "out", STREAM, tmp_path / "lb")
+    second = md.split("## Secondary comparisons", 1)[1]
+    assert "ewc − naive" in second and "ewc − naive" not in md.split("## Secondary comparisons", 1)[0]
+    with pytest.raises(UserError, match="tuning_seeds and test_seeds share"):
+        tune.run_tune(write_grid(tmp_path / "bad.yaml", {**doc, "primary_seeds": [100]}), tmp_path / "o2",
+                      run=Runner())
 
 
 # --- 8. joint --------------------------------------------------------------------------------------------------

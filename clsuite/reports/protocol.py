@@ -33,6 +33,7 @@ class Row:
     spec: str
     settings: dict[str, Any]
     records: dict[int, RunRecord]
+    seeds: list[int]  # the test seeds it must have
 
 
 def tuned_streams(path: Path) -> list[str]:
@@ -53,18 +54,19 @@ def read_selection(tune_dir: Path, stream: str) -> dict[str, Any]:
 def test_rows(tune_dir: Path, stream: str, selection: dict[str, Any]) -> list[Row]:
     """Every ``runs:`` entry of the selection with its test records (each role of an entry is a row)."""
     complete, failed = load_records([Path(tune_dir) / "test" / stream])
-    seeds = set(selection["selection"]["test_seeds"])
+    base = set(selection["selection"]["test_seeds"])
     if failed:
         raise UserError(f"{len(failed)} test run(s) failed, e.g. {failed[0].strategy} seed {failed[0].seed}: the "
                         "protocol reports every selected setting or none; see its record")
     rows = []
     for entry in selection["runs"]:
         tag = ",".join(f"{k}={v}" for k, v in sorted(entry["set"].items()))
+        seeds = base | set(entry.get("seeds", []))
         recs = {r.seed: r for r in complete if r.strategy == entry["strategy"] and _same_tag(r.tag, tag)
                 and r.seed in seeds}  # records of other test seeds (an earlier --test-seeds) are not this table's
         for role in entry["roles"]:
             role, _, name = role.partition(":")
-            rows.append(Row(name or entry["name"], role, entry["strategy"], entry["set"], recs))
+            rows.append(Row(name or entry["name"], role, entry["strategy"], entry["set"], recs, sorted(seeds)))
     return rows
 
 
@@ -202,9 +204,10 @@ def orders_table(rows: list[Row], role: str = "selected", metrics: tuple[str, ..
                     tablefmt="github", disable_numparse=True) + f"\n\nOrders: {legend}."
 
 
-def effects(rows: list[Row], pairs: list[tuple[str, str]], role_a: str, role_b: str) -> tuple[str, list[dict]]:
-    """Paired by test seed: A − B per metric, mean [95% CI], p, Holm-adjusted p (over the pairs, per metric), the
-    two-way bootstrap half-width, and the minimum detectable effect at power 0.8."""
+def paired_effects(rows: list[Row], pairs: list[tuple[str, str]], role_a: str, role_b: str,
+                   kind: str) -> list[dict]:
+    """Paired by test seed: A − B per metric, mean with its 95% CI, p, the two-way bootstrap half-width; ``kind``
+    names the comparison's setting (selected, matched, equal compute)."""
     found = {(r.name, r.role): r for r in rows}
     res: list[dict] = []
     for a, b in pairs:  # at matched plasticity B may have been matched to A (``matched@A``)
@@ -218,19 +221,34 @@ def effects(rows: list[Row], pairs: list[tuple[str, str]], role_a: str, role_b: 
             if len(seeds) < 2 or any(math.isnan(v) for v in x + y):
                 continue
             t = paired_test(x, y)
-            res.append({"comparison": f"{a} − {b}", "metric": m, "n": t.n, "diff": t.mean, "lo": t.lo, "hi": t.hi,
-                        "p": t.p, "sd": t.sd, "boot": _boot(xa, xb, m)})
+            res.append({"comparison": f"{a} − {b}", "kind": kind, "metric": m, "n": t.n, "diff": t.mean,
+                        "lo": t.lo, "hi": t.hi, "p": t.p, "sd": t.sd, "boot": _boot(xa, xb, m)})
+    return res
+
+
+def adjust(res: list[dict]) -> list[dict]:
+    """Holm-adjusted p and the minimum detectable effect (power 0.8, Bonferroni level) over ``res``, per metric."""
     for m in EFFECTS:
         mine = [e for e in res if e["metric"] == m]
         for e, adj in zip(mine, holm([e["p"] for e in mine])):
             e["holm"] = adj
             e["mde"] = min_detectable_effect(e["sd"], e["n"], m=len(mine))
+    return res
+
+
+def effects_table(res: list[dict]) -> str:
     table = [[_escape(e["comparison"]), e["metric"], e["n"], f"{e['diff']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}]",
               e["boot"], _p(e["p"]), _p(e["holm"]) + (" *" if e["holm"] < 0.05 else ""),
               f"{e['mde']:.3f}" if e["sd"] > 0 else "– (no spread)"]
              for e in res]
     head = ["comparison", "metric", "n", "mean diff [95% CI]", "items+seeds", "p", "Holm p", "MDE (power 0.8)"]
-    return tabulate(table, headers=head, tablefmt="github", disable_numparse=True), res
+    return tabulate(table, headers=head, tablefmt="github", disable_numparse=True)
+
+
+def effects(rows: list[Row], pairs: list[tuple[str, str]], role_a: str, role_b: str) -> tuple[str, list[dict]]:
+    """``paired_effects`` of ``pairs`` adjusted among themselves, as a table and rows."""
+    res = adjust(paired_effects(rows, pairs, role_a, role_b, role_a))
+    return effects_table(res), res
 
 
 def _p(p: float) -> str:
@@ -302,23 +320,31 @@ def publish_protocol(tune_dir: Path, stream: str, out: Path) -> str:
     selection = read_selection(tune_dir, stream)
     sel = selection["selection"]
     rows = test_rows(tune_dir, stream, selection)
-    missing = [f"{r.name} ({r.role}) seed {', '.join(map(str, sorted(set(sel['test_seeds']) - set(r.records))))}"
-               for r in rows if set(sel["test_seeds"]) - set(r.records)]
+    missing = [f"{r.name} ({r.role}) seed {', '.join(map(str, sorted(set(r.seeds) - set(r.records))))}"
+               for r in rows if set(r.seeds) - set(r.records)]
     if missing:
         raise UserError(f"test records missing for {', '.join(missing)}: run 'clsuite tune' again to finish them")
     names = [n for n in sel["strategies"] if "budget" not in sel["strategies"][n]]
     family = [tuple(f.split(" - ")) for f in sel["family"]]
     main, csv = main_table(rows, selection)
-    eff, eff_rows = effects(rows, family, "selected", "selected")
-    matched_eff, _ = effects(rows, family, "matched", "matched")
     budget_pairs = [tuple(e.split(" -> ")[1].split(" - ")) for e in sel["equal_compute"]]
-    equal, _ = effects(rows, budget_pairs, "selected", "selected")
-    n = len(sel["test_seeds"])
+    primary = adjust(paired_effects(rows, family, "selected", "selected", "selected")
+                     + paired_effects(rows, family, "matched", "matched", "matched")
+                     + paired_effects(rows, budget_pairs, "selected", "selected", "equal compute"))
+    eff_rows = primary
+    eff, matched_eff, equal = (effects_table([e for e in primary if e["kind"] == k])
+                               for k in ("selected", "matched", "equal compute"))
+    secondary = [tuple(f.split(" - ")) for f in sel.get("secondary", [])]
+    second, second_rows = effects(rows, secondary, "selected", "selected")
+    ns = sorted({len(r.records) for r in rows})
+    n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}; each row's n is in its table"
     md = "\n".join([
         f"# Leaderboard: {_escape(stream)} (protocol)", "",
         f"Each strategy's setting was selected on the validation parts by the rule `{sel['rule']['name']}` over tuning "
-        f"seeds {sel['tuning_seeds']}; every number below is on the test parts over test seeds {sel['test_seeds']} "
-        f"(n = {n} per row). `mean ± h`: h is the half-width of the 95% Student t interval over test seeds; "
+        f"seeds {sel['tuning_seeds']}; every number below is on the test parts over test seeds {sel['test_seeds']}"
+        + (f", the rows the family compares also over {sel['primary_seeds']}" if sel.get("primary_seeds") else "")
+        + f" (n = {n} per row)."
+        f" `mean ± h`: h is the half-width of the 95% Student t interval over test seeds; "
         "`items+seeds`: half-width of the 95% two-way bootstrap interval over evaluation items and seeds. "
         f"{len(names)} tuned strategies.", "",
         "## Selected settings", "", main, "", "†: the selected learning rate is at the edge of the grid tried; a "
@@ -327,7 +353,8 @@ def publish_protocol(tune_dir: Path, stream: str, out: Path) -> str:
         "## General ability by probe category (selected settings)", "", categories_table(rows), "",
         "## Per task order (selected settings)", "", orders_table(rows), "",
         "## Paired effects (selected settings)", "",
-        "Paired by test seed. Holm-adjusted over the declared family, per metric; `*`: distinguishable from zero at "
+        "Paired by test seed. Holm-adjusted over the declared family (its comparisons at the selected settings, at "
+        "matched plasticity and at equal compute, below, together), per metric; `*`: distinguishable from zero at "
         "0.05 after adjustment. MDE: the smallest true difference a paired t test over these n seeds detects with "
         "power 0.8 at the adjusted level, given the observed spread of differences; `no spread`: every paired "
         "difference is the same (e.g. both sides at the floor of the metric), so no effect size can be read.", "",
@@ -339,10 +366,13 @@ def publish_protocol(tune_dir: Path, stream: str, out: Path) -> str:
         "## Equal compute", "",
         "Each comparison A − B with B trained as many times longer as A's measured time per step (its learning rate "
         "re-tuned at that budget): " + (", ".join(sel["equal_compute"]) or "none needed") + ".", "", equal, "",
+        *(["## Secondary comparisons", "", "Exploratory: Holm-adjusted among themselves, not with the family.", "",
+           second, ""] if secondary else []),
         "![trade-off](tradeoff.png)", ""])
     out = Path(out)
     write_text(out / "leaderboard.md", md)
-    write_text(out / "leaderboard.csv", pd.DataFrame(csv + [{"table": "effect", **e} for e in eff_rows])
+    write_text(out / "leaderboard.csv", pd.DataFrame(csv + [{"table": "effect", **e} for e in eff_rows]
+                                                     + [{"table": "secondary", **e} for e in second_rows])
                .to_csv(index=False))
     plot_frontier(selection, out / "tradeoff.png")
     return md
