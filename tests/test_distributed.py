@@ -234,7 +234,7 @@ def _failure_runs(rank: int, stream, tmp: str) -> dict:
     real_evaluate, real_load = engine.evaluate, runner.load_model
     calls = []
 
-    def evaluate(ctx, tasks):
+    def evaluate(ctx, tasks, progress=False):
         calls.append(1)
         if len(calls) == 3:  # the tasks, after experience 1
             raise DivergenceError("injected: non-finite score after 1 experience(s)")

@@ -19,7 +19,7 @@ from conftest import tiny_llama
 def test_later_runs_reuse_row0_and_get_the_same_record(tiny_stream, tmp_path, monkeypatch):
     calls = []
     real = engine.evaluate
-    monkeypatch.setattr(engine, "evaluate", lambda ctx, tasks: calls.append(1) or real(ctx, tasks))
+    monkeypatch.setattr(engine, "evaluate", lambda ctx, tasks, progress=False: calls.append(1) or real(ctx, tasks))
     first = read_record(run_one(tiny_stream, resolve_config(tiny_stream, "naive", 0), tmp_path, progress=False))
     assert len(calls) == 2 * 3  # tasks and probes, rows 0..2
     [entry] = (tmp_path / "tiny-test" / ".initial").glob("*.json")

@@ -109,7 +109,8 @@ def _stream_uses() -> tuple[set[str], set[str]]:
 
 
 # built-in builders no built-in stream names yet, and the test of their own
-OWN_TESTS = {"humaneval_completion": "tests/test_real_data.py"}
+OWN_TESTS = {"humaneval_completion": "tests/test_real_data.py", "mmlu_exemplars": "tests/test_real_data.py",
+             "word_similarity": "tests/test_real_data.py"}
 
 
 @pytest.mark.parametrize("registry", ["builder", "model"])
