@@ -1,5 +1,5 @@
-"""Per-experience checkpoints of a run (safetensors + JSON, no pickle), from which ``--resume`` continues
-(docs/resume.md)."""
+"""Per-experience checkpoints of a run (safetensors + JSON, no pickle), from which ``--resume`` continues; under
+``parallel=fsdp`` one pair of safetensors files per process, of its shards (docs/resume.md)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from . import distributed as dist
+from . import sharding
 from .atomic import write_bytes, write_json
 from .config import RunConfig
 from .errors import UserError
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 FORMAT = 1
 META = "checkpoint.json"
 _TENSOR = "__tensor__"  # {"__tensor__": key}: a tensor of a plugin state, stored under key in the state file
+_SHARD = "__shard_of__"  # beside it: the tensor is this process's shard of a DTensor of that global shape
 _FIX = "delete it, or run with --force to start the run over"
 
 
@@ -60,7 +63,8 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, ctx: Context, result: dict[str, Any]) -> None:
-    """Write the state after experience ``ctx.experience`` to ``path``; ``result``: the engine's rows and logs."""
+    """Write the state after experience ``ctx.experience`` to ``path``; ``result``: the engine's rows and logs. Under
+    ``parallel=fsdp`` every rank calls it and writes its own shards; rank 0 then commits ``checkpoint.json``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -69,24 +73,60 @@ def save_checkpoint(path: Path, ctx: Context, result: dict[str, Any]) -> None:
     tensors["rng.torch"] = torch.get_rng_state()
     if ctx.device.type == "cuda":
         tensors.update((f"rng.cuda.{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all()))
-    files = {"model": f"exp{ctx.experience}.model.safetensors", "state": f"exp{ctx.experience}.state.safetensors"}
+    sharded = sharding.sharded(ctx.config)
+    if sharded:  # one model file and one state file per rank, of its shards (and its torch random state)
+        w = dist.world_size()
+        files = {k: [f"exp{ctx.experience}.rank{r}.{k}.safetensors" for r in range(w)] for k in ("model", "state")}
+        layout = {"sharded": {"world_size": w}}
+    else:
+        files = {"model": f"exp{ctx.experience}.model.safetensors", "state": f"exp{ctx.experience}.state.safetensors"}
+        layout = {}
     np_state = np.random.get_state()
-    meta = {"format": FORMAT, **_identity(ctx.config, ctx.stream), "experience": ctx.experience, "files": files,
-            "rows": result["rows"], "experiences": result["experiences"], "example_passes": ctx.example_passes,
+    meta = {"format": FORMAT, **_identity(ctx.config, ctx.stream), **layout, "experience": ctx.experience,
+            "files": files, "rows": result["rows"], "experiences": result["experiences"],
+            "example_passes": ctx.example_passes,
             "rng": {"python": _py_state(random.getstate()), "ctx": _py_state(ctx.rng.getstate()),
                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
             "plugins": plugins}
+    names = _file_names(files)
+    if sharded:
+        _write_shards(path, {k: v[dist.rank()] for k, v in files.items()}, model_tensors(ctx.model), tensors)
+        if not dist.is_main():
+            return
     try:
-        _write_tensors(path / files["model"], model_tensors(ctx.model))
-        _write_tensors(path / files["state"], tensors)
+        if not sharded:
+            _write_tensors(path / files["model"], model_tensors(ctx.model))
+            _write_tensors(path / files["state"], tensors)
         write_json(path / META, meta)
     except OSError:  # a write failed (a full disk): the previous checkpoint stays, without this one's files
-        for name in files.values():
+        for name in names:
             (path / name).unlink(missing_ok=True)
         raise
     for f in path.iterdir():  # the previous experience's files, and temporary files of a killed write
-        if f.name not in (META, *files.values()):
+        if f.name not in (META, *names):
             f.unlink()
+
+
+def _file_names(files: dict[str, Any]) -> list[str]:
+    """The tensor files a checkpoint's ``files`` names (a list per kind when sharded)."""
+    return [n for v in files.values() for n in ([v] if isinstance(v, str) else v)]
+
+
+def _write_shards(path: Path, mine: dict[str, str], model: dict[str, torch.Tensor],
+                  tensors: dict[str, torch.Tensor]) -> None:
+    """Every rank writes its model and state files, then waits for the others: when it returns, all are on disk
+    (a rank's failure is raised on every rank)."""
+    error = None
+    try:
+        _write_tensors(path / mine["model"], model)
+        _write_tensors(path / mine["state"], tensors)
+    except OSError as e:
+        for name in mine.values():
+            (path / name).unlink(missing_ok=True)
+        error = e
+    dist.agree(error)
+    if error is not None:
+        raise error
 
 
 def load_checkpoint(path: Path, cfg: RunConfig, stream: Stream, fp: dict[str, str] | None = None) -> Checkpoint:
@@ -104,6 +144,7 @@ def load_checkpoint(path: Path, cfg: RunConfig, stream: Stream, fp: dict[str, st
         raise UserError(f"checkpoint {path} is incomplete or damaged ({META} lacks a valid {wrong[0]!r}); {_FIX}")
     if "fingerprint" not in meta:
         raise UserError(f"checkpoint {path} was written before checkpoints had fingerprints; {_FIX}")
+    _check_layout(path, meta, cfg)
     # the config part is recomputed from the stored config validated now: new settings compare at their defaults
     parts = stale_parts(meta["fingerprint"], meta["config"], fp or cell_fingerprint(cfg, stream),
                         meta["config"].get("seed") != cfg.seed)
@@ -126,15 +167,17 @@ def restore_checkpoint(ctx: Context, ckpt: Checkpoint) -> dict[str, Any]:
 
 def _restore(ctx: Context, ckpt: Checkpoint) -> dict[str, Any]:
     meta = ckpt.meta
-    model = load_file(ckpt.path / meta["files"]["model"])
-    tensors = load_file(ckpt.path / meta["files"]["state"])
+    mine = (lambda f: f[dist.rank()]) if "sharded" in meta else (lambda f: f)  # this rank's files, when sharded
+    model = load_file(ckpt.path / mine(meta["files"]["model"]))
+    tensors = load_file(ckpt.path / mine(meta["files"]["state"]))
     _load_model(ctx.model, model, ckpt.path)
+    mesh = sharding.mesh_of(ctx.model)
     saved = [e["name"] for e in meta["plugins"]]
     if saved != [p.name for p in ctx.plugins]:
         raise UserError(f"checkpoint {ckpt.path} holds the states of plugins {saved}, this run has "
                         f"{[p.name for p in ctx.plugins]}; {_FIX}")
     for p, entry in zip(ctx.plugins, meta["plugins"]):
-        p.load_state_dict(_join(entry["state"], tensors, ctx.device))
+        p.load_state_dict(_join(entry["state"], tensors, ctx.device, mesh))
     ctx.example_passes = meta["example_passes"]
     ctx.rng.setstate(_py_state_back(meta["rng"]["ctx"]))
     random.setstate(_py_state_back(meta["rng"]["python"]))
@@ -153,6 +196,23 @@ def _restore(ctx: Context, ckpt: Checkpoint) -> dict[str, Any]:
 # --- helpers ------------------------------------------------------------------------------------------------
 _META_TYPES = {"config": dict, "tasks": list, "probes": list, "experience": int, "files": dict, "rows": list,
                "experiences": list, "example_passes": int, "rng": dict, "plugins": list}
+
+
+def _check_layout(path: Path, meta: dict[str, Any], cfg: RunConfig) -> None:
+    """A UserError unless the checkpoint's weights are sharded over as many processes as this run shards them."""
+    sharded = meta.get("sharded")
+    written = sharded.get("world_size") if isinstance(sharded, dict) else None
+    now = dist.world_size() if sharding.sharded(cfg) else None
+    if written == now:
+        return
+    if written is None:
+        raise UserError(f"checkpoint {path} holds whole weights and this run shards them (parallel=fsdp): resume it "
+                        f"as it was started, without --set parallel=fsdp, or {_FIX}")
+    if now is None:
+        raise UserError(f"checkpoint {path} holds weights sharded over {written} processes (parallel=fsdp): resume "
+                        f"it with torchrun --nproc_per_node {written} and --set parallel=fsdp, or {_FIX}")
+    raise UserError(f"checkpoint {path} holds weights sharded over {written} processes and this run has {now}: "
+                    f"resume it with torchrun --nproc_per_node {written}, or {_FIX}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -175,21 +235,25 @@ def _py_state_back(state: list) -> tuple:
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A safetensors file, written atomically."""
-    write_bytes(path, save({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}))
+    """A safetensors file, written atomically (of a DTensor, this process's shard)."""
+    write_bytes(path, save({k: dist.local(t).detach().to("cpu").contiguous() for k, t in tensors.items()}))
 
 
 def _split(value: Any, tensors: dict[str, torch.Tensor], prefix: str, owner: str) -> Any:
     """``value`` as JSON: each tensor moved into ``tensors`` under a new key and replaced by a reference to it."""
     if isinstance(value, torch.Tensor):
         key = f"{prefix}.{len(tensors)}"
+        if dist.is_sharded(value):  # FSDP: this rank's shard, and the shape of the whole
+            sharding.check_shard(value, f"{owner}.state_dict()")
+            tensors[key] = dist.local(value)
+            return {_TENSOR: key, _SHARD: list(value.shape)}
         tensors[key] = value
         return {_TENSOR: key}
     if isinstance(value, dict):
         for k in value:
-            if not isinstance(k, str) or k == _TENSOR:
+            if not isinstance(k, str) or k in (_TENSOR, _SHARD):
                 raise TypeError(f"{owner}.state_dict() has the dict key {k!r}: a checkpoint keeps str keys "
-                                f"other than {_TENSOR!r} only")
+                                f"other than {_TENSOR!r} and {_SHARD!r} only")
         return {k: _split(v, tensors, prefix, owner) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_split(v, tensors, prefix, owner) for v in value]
@@ -199,14 +263,20 @@ def _split(value: Any, tensors: dict[str, torch.Tensor], prefix: str, owner: str
                     "float, bool, None, lists and str-keyed dicts only")
 
 
-def _join(value: Any, tensors: dict[str, torch.Tensor], device: torch.device) -> Any:
-    """The inverse of ``_split``: references replaced by their tensors, on ``device`` (the model's)."""
+def _join(value: Any, tensors: dict[str, torch.Tensor], device: torch.device, mesh: Any = None) -> Any:
+    """The inverse of ``_split``: references replaced by their tensors, on ``device`` (the model's); a shard becomes
+    a DTensor again over ``mesh`` (the sharded model's)."""
     if isinstance(value, dict):
-        if value.keys() == {_TENSOR}:
-            return tensors[value[_TENSOR]].to(device)
-        return {k: _join(v, tensors, device) for k, v in value.items()}
+        if _TENSOR in value and value.keys() <= {_TENSOR, _SHARD}:
+            t = tensors[value[_TENSOR]].to(device)
+            if _SHARD not in value:
+                return t
+            if mesh is None:
+                raise ValueError("a plugin state holds a shard and the model is not sharded")
+            return sharding.from_shard(t, value[_SHARD], mesh)
+        return {k: _join(v, tensors, device, mesh) for k, v in value.items()}
     if isinstance(value, list):
-        return [_join(v, tensors, device) for v in value]
+        return [_join(v, tensors, device, mesh) for v in value]
     return value
 
 
@@ -216,6 +286,8 @@ def _load_model(model: torch.nn.Module, saved: dict[str, torch.Tensor], where: P
         odd = sorted(own.keys() ^ saved.keys())
         raise UserError(f"checkpoint {where} does not fit the model: {len(odd)} tensor names differ "
                         f"(e.g. {odd[0]!r}); {_FIX}")
+    with torch.no_grad():  # a DTensor's shard: this rank's part (local)
+        own = {n: dist.local(t) for n, t in own.items()}
     for n, t in own.items():
         if t.shape != saved[n].shape or t.dtype != saved[n].dtype:
             raise UserError(f"checkpoint {where} does not fit the model: {n} is {saved[n].dtype} "

@@ -1,5 +1,5 @@
-"""The ``clsuite`` command line: run, sweep, tune, migrate, list, leaderboard, site, export, show, overlap, landscape,
-landscape-compare, correlate."""
+"""The ``clsuite`` command line: run, sweep, tune, migrate, list, leaderboard, site, export, show, plan, overlap,
+landscape, landscape-compare, correlate."""
 from __future__ import annotations
 
 import json
@@ -276,6 +276,25 @@ def show(record: Path = typer.Argument(..., help="a run-record .json")) -> None:
     rows = [[f"after {r.tasks[i - 1]}" if i else "initial", *row, *p] for i, (row, p) in enumerate(zip(r.R, r.P))]
     typer.echo(tabulate(rows, headers=["", *r.tasks, *[f"probe:{p}" for p in r.probes]], floatfmt=".3f"))
     typer.echo(json.dumps({"metrics": r.metrics, "cost": r.cost, "wall_seconds": r.wall_seconds}, indent=1))
+
+
+@app.command()
+def plan(
+    model: Optional[str] = typer.Option(None, help="registered model, local directory, hub id or known config "
+                                        "(llama-2-7b, llama-2-13b; default: the stream's)"),
+    strategies: str = typer.Option("naive", help="comma-separated specs, e.g. 'naive,sam+ewc'"),
+    processes: int = typer.Option(1, help="processes (GPUs) the run is spread over"),
+    parallel: str = typer.Option("ddp", help="ddp (each process holds everything) | fsdp (sharded over processes)"),
+    stream: Optional[str] = typer.Option(None, help="the stream whose batch, length and tasks are planned "
+                                         "(default: TrainConfig's defaults, one task)"),
+    set_: list[str] = typer.Option([], "--set", help="training override KEY=VALUE, as for clsuite run"),
+    device_gb: Optional[float] = typer.Option(None, help="say whether the peak fits a device of this many GiB"),
+) -> None:
+    """Estimate the memory per process of a run, component by component, and whether it fits (docs/memory.md)."""
+    from .plan import make_plans, render
+    from .spec import split_specs
+    for p in make_plans(split_specs(strategies), model, stream, processes, parallel, _overrides(set_)):
+        typer.echo(render(p, device_gb) + "\n")
 
 
 @app.command()

@@ -32,8 +32,20 @@ class TrainConfig(_Strict):
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     max_length: int = Field(128, ge=8)
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16: forward passes of training under torch.autocast(bfloat16); weights stay fp32")
+    precision: Literal["fp32", "bf16", "bf16-weights"] = Field(
+        "fp32", description="bf16: forward passes of training under torch.autocast(bfloat16); weights stay fp32. "
+        "bf16-weights: weights and gradients in bfloat16, an fp32 master copy stepped by the optimizer "
+        "(docs/memory.md)")
+    # The same gradients either way (tests/test_memory.py), so, like parallel, left out of the dumped config and the
+    # fingerprint; each experience's log says whether it was on (docs/memory.md).
+    activation_checkpointing: bool = Field(
+        False, exclude=True, description="recompute each decoder layer's activations in the backward pass instead of "
+        "keeping them (transformers' gradient checkpointing)")
+    # How the processes split the work, like their number: the same numbers either way (up to the order of float
+    # sums), so it is left out of the dumped config and so of the fingerprint (docs/distributed.md).
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", exclude=True, description="under torchrun: ddp replicates the model on every process; fsdp shards "
+        "parameters, gradients and optimizer state over them (torch's fully_shard, per decoder layer)")
 
     @pydantic.model_validator(mode="after")
     def _divisible(self) -> "TrainConfig":

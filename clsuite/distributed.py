@@ -1,12 +1,15 @@
 """Data parallelism over torch.distributed: rank and world size, sharding, gradient all-reduce, status exchanges;
-every function is the identity without a process group (docs/distributed.md, docs/faults.md)."""
+every function is the identity without a process group (docs/distributed.md, docs/faults.md). FSDP's own parts
+are in ``clsuite.sharding``."""
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import sys
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -68,6 +71,18 @@ def device() -> torch.device:
     if os.environ.get("CLSUITE_DEVICE"):
         return torch.device(os.environ["CLSUITE_DEVICE"])
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is one process's shard of a larger tensor (a DTensor of FSDP), not a whole replicated tensor."""
+    tensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor exists (its import is spared)
+    return tensor is not None and isinstance(t, tensor.DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: the local shard of a DTensor (a view: in-place changes reach the parameter),
+    ``t`` itself otherwise."""
+    return t.to_local() if is_sharded(t) else t
 
 
 def shard(items: Sequence[T]) -> list[T]:
@@ -143,17 +158,31 @@ def broadcast_(tensors: list[torch.Tensor]) -> None:
 
 
 def broadcast_model(model: torch.nn.Module) -> None:
-    """Give every rank rank 0's parameters and buffers."""
-    broadcast_(list(model.parameters()) + list(model.buffers()))
+    """Give every rank rank 0's parameters and buffers (the whole ones: a shard of FSDP is each rank's own)."""
+    broadcast_([t for t in list(model.parameters()) + list(model.buffers()) if not is_sharded(t)])
+
+
+def broadcast_json(value: Any) -> Any:
+    """Rank 0's ``value`` (JSON-serialisable) on every rank, sent as UTF-8 JSON bytes (never pickled)."""
+    if not is_distributed():
+        return value
+    data = json.dumps(value).encode() if is_main() else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    broadcast_([size])
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(int(size), dtype=torch.uint8)
+    broadcast_([buf])
+    return json.loads(bytes(buf.numpy()).decode())
 
 
 def average_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-    """Average ``.grad`` of ``params`` over ranks in place; returns ``loss`` averaged over ranks.
+    """Average ``.grad`` of ``params`` over ranks in place; returns ``loss`` averaged over ranks. Sharded parameters
+    are left alone: FSDP's backward has already reduce-scattered their gradients, averaged.
 
     A parameter with a gradient on some rank but not this one gets a zero gradient first, so every rank reduces
     the same tensors; one without a gradient on any rank keeps ``None``, as it would in one process."""
     if not is_distributed():
         return loss
+    params = [p for p in params if not is_sharded(p)]
     w = world_size()
     have = torch.tensor([float(p.grad is not None) for p in params])
     all_reduce_sum_([have])
@@ -207,12 +236,22 @@ def agree(error: BaseException | None = None) -> None:
 def on_main(fn: Callable[[], T]) -> T | None:
     """Run ``fn`` on rank 0 alone (evaluation, writing) while the others wait; an exception there is raised on
     every rank at once (``agree``). Returns ``fn``'s result on rank 0, None elsewhere."""
+    return _then_agree(fn if is_main() else lambda: None)
+
+
+def everywhere(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank (e.g. evaluating a sharded model, whose forward passes need them all); an exception
+    on any rank is raised on every rank (``agree``)."""
+    return _then_agree(fn)
+
+
+def _then_agree(fn: Callable[[], T]) -> T:
+    """``fn()``, then ``agree`` on whether it failed on any rank (this rank's own exception re-raised)."""
     result, error = None, None
-    if is_main():
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
+    try:
+        result = fn()
+    except Exception as e:
+        error = e
     agree(error)
     if error is not None:
         raise error

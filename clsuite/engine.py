@@ -2,6 +2,7 @@
 (design: docs/engine.md)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -13,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from . import sharding
+from . import memory
 from .config import RunConfig, TrainConfig
 from .data import collate, lm_loss
 from .errors import DivergenceError, UserError
@@ -35,6 +38,7 @@ class Context:
     task: Task | None = None
     train_data: Any = None
     optimizer: torch.optim.Optimizer | None = None
+    master: memory.MasterWeights | None = None  # precision=bf16-weights: the fp32 copies the optimizer steps
     scheduler: Any = None
     step: int = 0
     total_steps: int = 0  # optimizer steps of the current experience (TrainConfig.steps_for its train rows)
@@ -63,9 +67,10 @@ class Context:
         """Let every plugin change the gradient now in ``.grad`` (``before_update``, in kind order), clip it and step
         the base optimizer."""
         self.call("before_update")
-        if self.config.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.train.max_grad_norm)
-        self.optimizer.step()
+        with self.master.stepping() if self.master is not None else contextlib.nullcontext():  # in fp32 there
+            if self.config.train.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.train.max_grad_norm)
+            self.optimizer.step()
 
     def call(self, hook: str, *args: Any) -> None:
         for p in self.plugins:
@@ -121,7 +126,7 @@ def make_closure(ctx: Context, micro: list[dict[str, torch.Tensor]], examples: l
         ctx.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros(())
         for ctx.batch in micro:
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=memory.autocast_enabled(cfg)):
                 loss = lm_loss(ctx.model, ctx.batch)
                 for p in ctx.plugins:
                     term = p.before_backward(ctx)
@@ -147,12 +152,14 @@ def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
     dist.check_batch(cfg.batch_size, cfg.grad_accum, len(data))
     dist.broadcast_model(ctx.model)  # ranks start the experience identical (a parametrization may add weights)
     params = ctx.trainable_parameters()
+    ctx.master = memory.MasterWeights(params) if cfg.precision == "bf16-weights" else None
     ctx.optimizer = make_optimizer(params, cfg)
     ctx.total_steps = cfg.steps_for(len(ctx.task.train))  # epochs count the task's own rows, not a plugin's
     ctx.scheduler = make_scheduler(ctx.optimizer, cfg, ctx.total_steps)
     gen = torch.Generator().manual_seed(ctx.config.seed * 1000 + ctx.experience)
     batches = _batches(data, cfg.batch_size, gen)
     tokens, losses, start = 0, [], time.perf_counter()
+    memory.reset_peak(ctx.device)
     ctx.model.train()
     bar = tqdm(range(ctx.total_steps), desc=f"  train {ctx.task.name}", leave=False, disable=not progress, unit="step")
     for ctx.step in bar:
@@ -177,8 +184,9 @@ def train_experience(ctx: Context, progress: bool = True) -> dict[str, Any]:
         if ctx.step % 10 == 0:
             bar.set_postfix(loss=f"{value:.3f}")
     tokens = dist.total(tokens)
+    ctx.master = None
     return {"task": ctx.task.name, "steps": ctx.total_steps, "tokens": tokens,
-            "train_seconds": time.perf_counter() - start,
+            "train_seconds": time.perf_counter() - start, **memory.peak_per_process(ctx.device, cfg),
             "trainable_parameters": sum(p.numel() for p in params),
             "first_loss": losses[0], "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
             "loss_curve": losses[:: max(1, len(losses) // 50)]}
@@ -218,6 +226,9 @@ def run_stream(ctx: Context, progress: bool = True, hooks: RunHooks | None = Non
     rows, experiences = [], []
 
     def add_row(cached: dict[str, Any] | None = None) -> None:
+        if sharding.sharded(ctx.config):  # a sharded model's forward passes need every rank: all evaluate alike
+            dist.everywhere(lambda: evaluate_row(dist.broadcast_json(cached)))
+            return
         # evaluation is rank 0's alone (it writes the record); the others wait, and its failure reaches them
         dist.on_main(lambda: evaluate_row(cached))
 
@@ -239,9 +250,12 @@ def run_stream(ctx: Context, progress: bool = True, hooks: RunHooks | None = Non
         if hooks.on_row and cached is None:
             hooks.on_row(len(rows) - 1, rows[-1])
 
+    early = sharding.shard_model(ctx)  # parallel=fsdp: a parametrization wraps the whole model, then it is sharded
     if hooks.restore is None:
         add_row(hooks.initial)
-    ctx.call("before_training")  # also on resume: a parametrization wraps the model here, then state is loaded
+    for p in ctx.plugins:  # also on resume: a parametrization wraps the model here, then state is loaded
+        if p not in early:
+            p.before_training(ctx)
     if hooks.restore is not None:
         done = hooks.restore(ctx)
         rows.extend(done["rows"])

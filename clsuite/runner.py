@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed as dist
+from . import sharding
 from .atomic import DiskFullError, write_dir, write_json
 from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from .config import RunConfig
@@ -14,6 +15,7 @@ from .engine import Context, RunHooks, run_stream, set_seed
 from .errors import DivergenceError, UserError
 from .evalcache import cache_path, initial_key, load_initial, save_initial
 from .fingerprint import FingerprintMismatch, describe, stale_parts
+from .memory import prepare_model
 from .models import load_model
 from .provenance import provenance
 from .records import cell_fingerprint, failed_record, fill_record, new_record, read_record, record_path
@@ -70,6 +72,8 @@ def _cost(ctx: Context, result: dict[str, Any]) -> dict[str, Any]:
     steps = sum(e["steps"] for e in result["experiences"])  # per experience: fixed, or from epochs
     return {"compute_multiplier": ctx.example_passes / (steps * ctx.config.train.batch_size),
             "extra_memory_bytes": sum(p.extra_memory_bytes() for p in ctx.plugins),
+            "peak_memory_bytes": max((b for e in result["experiences"] for b in e.get("peak_memory_bytes") or []
+                                      if b is not None), default=None),  # training, over processes (docs/memory.md)
             # what the optimizer trained (largest over experiences): after lora(mode=merge) the model holds
             # no adapter any more, so counting ctx.trainable_parameters() after the run would be wrong
             "trainable_parameters": max(e["trainable_parameters"] for e in result["experiences"]),
@@ -99,10 +103,13 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
     ckpt = _checkpoint(ckpt_dir, cfg, stream, resume, force, fp)
     set_seed(cfg.seed)
     plugins = build_strategy(cfg.strategy)
+    sharding.check(cfg, plugins, save)  # parallel=fsdp: before anything is loaded or evaluated
     t0 = time.perf_counter()
     with dist.main_first():  # a model built and cached on first use is built once
         model, tok = load_model(cfg.model)
-    model.to(dist.device())  # this rank's GPU under nccl, the CPU under gloo; one process: the GPU if any
+    prepare_model(model, cfg.train)  # bf16 weights, activation checkpointing: before row 0 and its cache key
+    if not sharding.sharded(cfg):  # under fsdp, fully_shard moves each rank's shards there
+        model.to(dist.device())  # this rank's GPU under nccl, the CPU under gloo; one process: the GPU if any
     ctx = Context(model, tok, stream, cfg, plugins, random.Random(cfg.seed))
     record = new_record(cfg, stream, tag, fp)
     cache = None  # row 0 is shared by every strategy and seed: evaluated once per weights and eval settings
@@ -111,7 +118,8 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
 
     def checkpoint(result: dict[str, Any]) -> None:  # not after the last experience: the record follows at once
         if len(result["experiences"]) < len(stream.tasks):  # rank 0 writes; a failure there reaches every rank
-            dist.on_main(lambda: save_checkpoint(ckpt_dir, ctx, result))
+            # under fsdp every rank writes its shards, rank 0 the rest
+            (dist.everywhere if sharding.sharded(cfg) else dist.on_main)(lambda: save_checkpoint(ckpt_dir, ctx, result))
 
     hooks = RunHooks(initial=load_initial(cache) if cache else None,
                      on_row=lambda i, row: save_initial(cache, row) if cache and i == 0 else None,
@@ -119,8 +127,8 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
                      restore=(lambda c: restore_checkpoint(c, ckpt)) if ckpt is not None else None)
 
     def write(done: dict[str, Any]) -> None:  # rank 0's: the record, then the checkpoint goes (never neither)
-        write_json(path, {**done, "world_size": dist.world_size(), "provenance": provenance(),
-                          "wall_seconds": time.perf_counter() - t0})
+        write_json(path, {**done, "world_size": dist.world_size(), **sharding.record_fields(cfg),
+                          "provenance": provenance(), "wall_seconds": time.perf_counter() - t0})
         remove_checkpoint(ckpt_dir)
 
     def finish(result: dict[str, Any]) -> None:

@@ -6,12 +6,13 @@ other keys are kept beside it in the run record.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .data import collate, encode_pair, forward_takes, keeps_logits, lm_loss
 from .errors import UserError
@@ -84,72 +85,190 @@ def _pad_id(tok: Any) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
+class _Hopeless(StoppingCriteria):
+    """Stopping criterion: a row is done once its decoded answer can no longer equal its target after stripping
+    white space (generation past that point cannot change the score). A partial UTF-8 character keeps it running."""
+
+    def __init__(self, tok: Any, targets: list[str], start: int):
+        self.tok, self.targets, self.start = tok, [t.strip() for t in targets], start
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tok.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([not ("\ufffd" in s or t.startswith(s) or s.rstrip() == t)
+                             for s, t in ((x.lstrip(), t) for x, t in zip(texts, self.targets))],
+                            device=input_ids.device)
+
+
 @register_scorer("exact_match")
 @torch.no_grad()
 def exact_match(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int, *, bos: bool = True,
                 target_delimiter: str = "") -> dict[str, float]:
     """Greedy generation from the prompt; an answer counts when it equals the target after stripping white space
-    (so ``target_delimiter`` changes only the generation budget, not the score)."""
-    dev = next(model.parameters()).device
-    hits: list[int] = []
-    for chunk in _batches(examples, batch_size):
-        pairs = [encode_pair(tok, e["prompt"], e["target"], chat, max_length, bos=bos,
-                             target_delimiter=target_delimiter) for e in chunk]
-        ids, mask = _left_pad([p for p, _ in pairs], _pad_id(tok))
-        new = max(len(t) for _, t in pairs) + 1
+    (so ``target_delimiter`` changes only the generation budget, not the score). Every item's budget is the longest
+    target's tokens (with EOS) + 1; prompts run in batches of similar length, and a row stops at EOS or once it can
+    no longer match (docs/lm-eval.md, "Speed")."""
+    dev, pad = next(model.parameters()).device, _pad_id(tok)
+    pairs = [encode_pair(tok, e["prompt"], e["target"], chat, max_length, bos=bos, target_delimiter=target_delimiter)
+             for e in examples]
+    new = max((len(t) for _, t in pairs), default=0) + 1
+    hits = [0] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: -len(pairs[i][0]))
+    for chunk in _batches(order, batch_size):
+        ids, mask = _left_pad([pairs[i][0] for i in chunk], pad)
+        stop = StoppingCriteriaList([_Hopeless(tok, [examples[i]["target"] for i in chunk], ids.shape[1])])
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
-                             do_sample=False, pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id)
+                             do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id, stopping_criteria=stop)
         texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        hits += [int(t.strip() == e["target"].strip()) for t, e in zip(texts, chunk)]
+        for i, t in zip(chunk, texts):
+            hits[i] = int(t.strip() == examples[i]["target"].strip())
     return {"score": sum(hits) / len(examples), "items": hits}
+
+
+@dataclass(frozen=True)
+class _Question:
+    """One question laid out for a packed pass: its prompt, then each choice of two tokens or more but its last
+    token, as a block that sees the prompt and itself only (so choices run without copying the prompt's cache)."""
+    tokens: list[int]
+    positions: list[int]  # each block continues from the prompt's end
+    blocks: list[int]  # -1: the prompt; k: choice k's block
+    scored: list[tuple[int, int, int]]  # (index whose logits predict it, token, choice number)
+
+
+def _layout(prompt: list[int], choices: list[list[int]], start: int = 0) -> _Question:
+    """The prompt's last position predicts every choice's first token (all of a one-token choice); block k's
+    tokens ``c[:-1]`` predict ``c[1:]``. ``start``: the position of the prompt's first token (after a shared prefix)."""
+    end = start + len(prompt)
+    tokens, positions, blocks = list(prompt), list(range(start, end)), [-1] * len(prompt)
+    scored = []
+    for k, c in enumerate(choices):
+        scored.append((len(prompt) - 1, c[0], k))
+        scored += [(len(tokens) + j, t, k) for j, t in enumerate(c[1:])]
+        tokens += c[:-1]
+        positions += range(end, end + len(c) - 1)
+        blocks += [k] * (len(c) - 1)
+    return _Question(tokens, positions, blocks, scored)
+
+
+def _shared_prefix(prompts: list[list[int]], least: int = 16) -> list[int]:
+    """The longest token prefix of every prompt that leaves each at least one token (to predict its choices), if it
+    has ``least`` tokens or more (a BOS alone is left in each prompt: computed apart, it moves scores by ~1e-4)."""
+    if not prompts:
+        return []
+    n = min(map(len, prompts)) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return first[:n] if n >= least else []
+
+
+def _pack(lengths: list[int], rows: int) -> list[list[list[int]]]:
+    """Question indices by pass and row: longest first; a pass is up to ``rows`` rows as wide as its first question,
+    and each question goes in the first row of any pass with room for it (first-fit decreasing)."""
+    passes: list[list[list[int]]] = []
+    free: list[list[int]] = []  # room left in each row of each pass
+    width = 0  # of the last pass
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        where = next(((p, r) for p, room in enumerate(free) for r, f in enumerate(room) if f >= n), None)
+        if where is None and passes and len(passes[-1]) < rows:  # a new row in the last pass
+            where = (len(passes) - 1, len(passes[-1]))
+            passes[-1].append([])
+            free[-1].append(width)
+        if where is None:  # a new pass, as wide as this question
+            where, width = (len(passes), 0), n
+            passes.append([[]])
+            free.append([width])
+        p, r = where
+        passes[p][r].append(i)
+        free[p][r] -= n
+    return passes
+
+
+def _slices_by_mask() -> bool:
+    """Whether this transformers' models take a boolean ``(batch, seq)`` ``logits_to_keep`` (newer versions)."""
+    from transformers import modeling_utils
+    return hasattr(modeling_utils, "slice_logits_to_keep")
+
+
+def _prefix_cache(model, prefix: list[int], dev: torch.device) -> tuple[str, Any] | None:
+    """The KV cache of the prompts' shared ``prefix`` (one row) and the forward argument that takes it; None when
+    there is none or the model's forward takes no cache."""
+    key = _cache_kwarg(model)
+    if not prefix or not forward_takes(model, key):
+        return None
+    keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
+    out = model(input_ids=torch.tensor([prefix], device=dev), use_cache=True, **keep)
+    return key, getattr(out, key)
+
+
+def _packed_logits(model, rows: list[list[_Question]], pad: int, dev: torch.device,
+                   prefix: tuple[str, Any] | None = None, shared: int = 0) -> torch.Tensor:
+    """Logits ``(N, V)`` at every scored index of ``rows`` (row by row, question by question), from one forward
+    pass under a block attention mask: a token sees the ``shared`` tokens of the ``prefix`` cache, its own
+    question's prompt and its own block."""
+    width = max(sum(len(q.tokens) for q in r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    owner = torch.full((len(rows), width), -1, dtype=torch.long)  # question number in its row; -1: padding
+    block = torch.full((len(rows), width), -1, dtype=torch.long)
+    keep = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        at = 0
+        for n, q in enumerate(row):
+            end = at + len(q.tokens)
+            ids[r, at:end], pos[r, at:end] = torch.tensor(q.tokens), torch.tensor(q.positions)
+            owner[r, at:end], block[r, at:end] = n, torch.tensor(q.blocks)
+            keep[r, [at + i for i, _, _ in q.scored]] = True
+            at = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    sees = (owner[:, :, None] == owner[:, None, :]) & causal & ((block[:, None, :] == -1)
+                                                                | (block[:, :, None] == block[:, None, :]))
+    sees = torch.cat([torch.ones(len(rows), width, shared, dtype=torch.bool), sees], dim=2)
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if prefix is not None:
+        cache = copy.deepcopy(prefix[1])
+        cache.batch_repeat_interleave(len(rows))
+        kwargs = {"use_cache": True, prefix[0]: cache}
+    slice_keep = keeps_logits(model) and _slices_by_mask()
+    if slice_keep:
+        kwargs["logits_to_keep"] = keep.to(dev)
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), **kwargs)
+    return out.logits if slice_keep else out.logits[keep.to(dev)]
 
 
 @torch.no_grad()
 def choice_logliks(model, tok, examples: list[dict], chat: bool, max_length: int, batch_size: int, *,
                    bos: bool = True, target_delimiter: str = "") -> list[list[float]]:
-    """Summed log-likelihood of each ``target_delimiter + choice``. The prompt runs once per question: its last
-    position scores every choice's first token (all of a one-token choice), and only choices of two tokens or more
-    continue from its cache, which is copied once per such choice."""
+    """Summed log-likelihood of each ``target_delimiter + choice``. Each question is one packed sequence: its
+    prompt, whose last position scores every choice's first token (all of a one-token choice), then each longer
+    choice under a block mask; questions are sorted by length and packed ``batch_size`` rows to a pass
+    (docs/lm-eval.md, "Speed")."""
     dev = next(model.parameters()).device
     pad = _pad_id(tok)
-    result: list[list[float]] = []
-    for chunk in _batches(examples, batch_size):
-        prompts, choices = [], []
-        for e in chunk:
-            p, _ = encode_pair(tok, e["prompt"], "", chat, max_length, eos=False, bos=bos)
-            prompts.append(p)
-            choices.append([tok(target_delimiter + c, add_special_tokens=False)["input_ids"] or [pad]
-                            for c in e["choices"]])
-        ids, pmask = _left_pad(prompts, pad)
-        ids, pmask = ids.to(dev), pmask.to(dev)
-        pos = (pmask.cumsum(-1) - 1).clamp(min=0)
-        keep = {"logits_to_keep": 1} if keeps_logits(model) else {}  # only the last position predicts a choice
-        out = model(input_ids=ids, attention_mask=pmask, position_ids=pos, use_cache=True, **keep)
-        first = F.log_softmax(out.logits[:, -1].float(), -1)  # predicts each choice's first token
-        flat = [(b, c) for b, cs in enumerate(choices) for c in cs]
-        total = first[[b for b, _ in flat], [c[0] for _, c in flat]]
-        longer = [i for i, (_, c) in enumerate(flat) if len(c) > 1]
-        if longer:  # the rest of each longer choice, after its prompt: inputs c[:-1] predict c[1:]
-            rows = torch.tensor([flat[i][0] for i in longer], device=dev)
-            width = max(len(flat[i][1]) for i in longer) - 1
-            cids = torch.full((len(longer), width), pad, dtype=torch.long, device=dev)
-            targets = torch.zeros_like(cids)
-            cmask = torch.zeros_like(cids)
-            for j, i in enumerate(longer):
-                c = flat[i][1]
-                cids[j, :len(c) - 1] = torch.tensor(c[:-1], device=dev)
-                targets[j, :len(c) - 1] = torch.tensor(c[1:], device=dev)
-                cmask[j, :len(c) - 1] = 1
-            key = _cache_kwarg(model)
-            cache = getattr(out, key)
-            cache.batch_select_indices(rows)
-            cpos = pmask.sum(-1)[rows][:, None] + torch.arange(width, device=dev)[None]
-            logits = model(input_ids=cids, attention_mask=torch.cat([pmask[rows], cmask], dim=1), position_ids=cpos,
-                           **{key: cache}).logits.float()
-            tok_lp = logits.gather(2, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)
-            total = total.index_add(0, torch.tensor(longer, device=dev), (tok_lp * cmask).sum(1))
-        it = iter(total.tolist())
-        result.extend([next(it) for _ in cs] for cs in choices)
+    prompts = [encode_pair(tok, e["prompt"], "", chat, max_length, eos=False, bos=bos)[0] for e in examples]
+    prefix = _shared_prefix(prompts)
+    cache = _prefix_cache(model, prefix, dev)
+    shared = len(prefix) if cache is not None else 0
+    questions = [_layout(p[shared:], [tok(target_delimiter + c, add_special_tokens=False)["input_ids"] or [pad]
+                                      for c in e["choices"]], shared) for p, e in zip(prompts, examples)]
+    result: list[list[float]] = [[0.0] * len(e["choices"]) for e in examples]
+    for rows in _pack([len(q.tokens) for q in questions], batch_size):
+        logits = _packed_logits(model, [[questions[i] for i in r] for r in rows], pad, dev, cache, shared).float()
+        index, tokens, where, base = [], [], [], 0
+        for i in (i for r in rows for i in r):
+            q = questions[i]
+            kept = sorted({s for s, _, _ in q.scored})
+            at = {s: base + n for n, s in enumerate(kept)}
+            index += [at[s] for s, _, _ in q.scored]
+            tokens += [t for _, t, _ in q.scored]
+            where += [(i, k) for _, _, k in q.scored]
+            base += len(kept)
+        index_t = torch.tensor(index, device=logits.device)
+        lp = logits[index_t, torch.tensor(tokens, device=logits.device)] - torch.logsumexp(logits, -1)[index_t]
+        for (i, k), x in zip(where, lp.tolist()):
+            result[i][k] += x
     return result
 
 

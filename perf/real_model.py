@@ -145,6 +145,35 @@ def training(base: torch.nn.Module, tok: Any, stream: Stream, steps: int, repeat
               f"SAM steps {statistics.median(x['sam'] for x in runs[v]):.2f}")
 
 
+def optimizer_step(base: torch.nn.Module, repeats: int, steps: int = 3) -> None:
+    """AdamW's step on every parameter of ``base`` with random gradients: foreach (torch's CPU default, what
+    engine.make_optimizer gets) against fused, in interleaved rounds; and how far their weights part after ``steps``."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in base.parameters()]
+
+    def run(**kind: bool) -> tuple[float, list[torch.Tensor]]:
+        params = [p.detach().clone().requires_grad_() for p in base.parameters()]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, **kind)
+        opt.step()  # the first step allocates the moments
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        return (time.perf_counter() - t0) / steps, params
+
+    times: dict[str, list[float]] = {"foreach": [], "fused": []}
+    weights: dict[str, list[torch.Tensor]] = {}
+    for r in range(repeats):
+        for kind in (("foreach", "fused") if r % 2 == 0 else ("fused", "foreach")):
+            seconds, weights[kind] = run(**{kind: True})
+            times[kind].append(seconds)
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(weights["foreach"], weights["fused"]))
+    ratio = figure([f / e for f, e in zip(times["fused"], times["foreach"])])
+    print(f"optimizer step, fused/foreach AdamW time: {ratio}; foreach {statistics.median(times['foreach']):.3f} s, "
+          f"fused {statistics.median(times['fused']):.3f} s per step; max weight difference after {steps + 1} "
+          f"steps {diff:.1e}")
+
 def cloze_items(stream: Stream, n: int) -> list[dict]:
     """The first ``n`` probe items (each probe in turn), choices without their leading space (the delimiter's)."""
     rows = [r for p in stream.probes for r in p.eval][:n]
@@ -152,23 +181,26 @@ def cloze_items(stream: Stream, n: int) -> list[dict]:
 
 
 def scorer_case(name: str, model: torch.nn.Module, tok: Any, rows: list[dict], chat: bool, repeats: int,
-                batch: int) -> None:
-    """clsuite's choice_logliks against HFLM.loglikelihood on the same items and model: items/s and agreement."""
+                batch: int, delimiter: str = " ") -> None:
+    """clsuite's choice_logliks against HFLM.loglikelihood on the same items, model and batch size (lm-eval sorts
+    its requests by length and reuses one pass for one-token choices of a context): items/s and agreement.
+    ``delimiter``: lm-eval's target_delimiter, " " by default and "" under its --apply_chat_template."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch)  # also puts the model in eval mode
-    requests = [Instance("loglikelihood", {}, (prompt_text(tok, r["prompt"], chat, bos=False), " " + c), i)
+    requests = [Instance("loglikelihood", {}, (prompt_text(tok, r["prompt"], chat, bos=False), delimiter + c), i)
                 for i, (r, c) in enumerate((r, c) for r in rows for c in r["choices"])]
+    conventions = {**LM_EVAL, "target_delimiter": delimiter}
 
     def ours() -> list[list[float]]:
-        return choice_logliks(model, tok, rows, chat, 512, batch, **LM_EVAL)
+        return choice_logliks(model, tok, rows, chat, 512, batch, **conventions)
 
     def theirs() -> list[list[float]]:
         it = iter(ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True))
         return [[next(it) for _ in r["choices"]] for r in rows]
 
-    choice_logliks(model, tok, rows[:2], chat, 512, batch, **LM_EVAL)  # warm-up
+    choice_logliks(model, tok, rows[:2], chat, 512, batch, **conventions)  # warm-up
     lm.loglikelihood(requests[:2], disable_tqdm=True)
     rates: dict[str, list[float]] = {"clsuite": [], "lm-eval": []}
     scores: dict[str, list[list[float]]] = {}
@@ -226,6 +258,8 @@ def main() -> None:
                     help="training steps per timed run (4: LookSAM at its 1/4 SAM-step share of the stream)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (1 repeat, 2 steps, 10 items): a smoke run")
+    ap.add_argument("--scorers-only", action="store_true",
+                    help="only the optimizer and scorer figures (no training, no run)")
     a = ap.parse_args()
     start = time.perf_counter()
     sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured
@@ -233,21 +267,26 @@ def main() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     import lm_eval
     repeats, steps = (1, 2) if a.quick else (a.repeats, a.steps)
-    cloze, long = (10, 10) if a.quick else (262, 30)
+    cloze, long = (10, 10) if a.quick else (262, 60)
     print(f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, lm-eval {lm_eval.__version__}{' (--quick: tiny sizes)' if a.quick else ''}")
     peaks = matmul_peak(3 if a.quick else 10)
     print(f"matmul peak: {figure(peaks, '{:.1f}', ' GFLOP/s')}")
     stream = load_stream("smollm2-bbc")
     base, tok = load_model(stream.model)
-    training(base, tok, stream, steps, repeats, statistics.median(peaks))
+    if not a.scorers_only:
+        training(base, tok, stream, steps, repeats, statistics.median(peaks))
+    optimizer_step(base, repeats)
     batch = stream.eval.get("batch_size", 16)
     scorer_case("short cloze", base, tok, cloze_items(stream, cloze), False, repeats, batch)
     topics = stream.tasks[0]
     rows = [{"prompt": r["prompt"], "choices": r["choices"]} for r in topics.eval.select(range(long))]
-    scorer_case("long prompt", base, tok, rows, topics.chat, repeats, batch)
+    # lm-eval's convention under a chat template (lm_eval/api/task.py: target_delimiter "" unless a gen_prefix is
+    # set): most topic names are then two or three tokens, so lm-eval runs one pass per choice
+    scorer_case("long prompt", base, tok, rows, topics.chat, repeats, batch, delimiter="")
     del base
-    run_breakdown(stream, 2 if a.quick else None, 10 if a.quick else None)
+    if not a.scorers_only:
+        run_breakdown(stream, 2 if a.quick else None, 10 if a.quick else None)
     print(f"harness wall time: {time.perf_counter() - start:.0f} s")
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from clsuite import distributed
+from clsuite import distributed, sharding
 from clsuite.errors import DivergenceError
 from clsuite.numerics import at_least_float32
 from clsuite.strategy import Conflict
@@ -80,18 +80,21 @@ def per_example_importance(ctx: Any, rows: list[dict], objective: Callable[[dict
 def quadratic_sum(model: torch.nn.Module,
                   stored: Iterable[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]) -> torch.Tensor | None:
     """Σ over ``(weights, anchor)`` pairs of Σ_i w_i (θ_i − θ*_i)², over the trainable parameters with a weight of
-    their shape and an anchor (float32 at least); None if no name matches."""
+    their shape and an anchor (float32 at least); None if no name matches. Under FSDP each process sums its shards
+    (``clsuite.sharding.summed_over_processes``: the whole sum's value, its own shards' gradient)."""
     params = trainable(model)
-    total = None
+    total, sharded = None, False
     for weights, anchor in stored:
         for n, p in params.items():
             w, a = weights.get(n), anchor.get(n)
             if w is None or a is None or w.shape != p.shape:
                 continue
+            sharded = sharded or distributed.is_sharded(p)
+            w, a, p = distributed.local(w), distributed.local(a), distributed.local(p)
             dt = at_least_float32(p.dtype)
             term = (w.to(dt) * (p.to(dt) - a.to(dt)).pow(2)).sum()
             total = term if total is None else total + term.to(total.device)
-    return total
+    return sharding.summed_over_processes(total) if sharded and total is not None else total
 
 
 def warn_unmatched(strategy: str) -> None:

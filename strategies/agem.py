@@ -11,6 +11,7 @@ from pydantic import Field
 
 from clsuite import distributed
 from clsuite.errors import DivergenceError
+from clsuite.memory import RunShape, State, autocast_enabled
 from clsuite.numerics import at_least_float32
 from clsuite.strategies.replay import buffer_bytes, reservoir_add, untagged
 from clsuite.strategy import Params, Strategy, register
@@ -67,7 +68,7 @@ class AGEM(Strategy):
         mine = distributed.shard(rows)
         size = math.ceil(len(mine) / cfg.grad_accum) if mine else 1
         for i in range(0, len(mine), size):
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast_enabled(cfg)):
                 loss = ctx.loss(mine[i:i + size], reduction="none").sum()
             for r, g in zip(ref, torch.autograd.grad(loss, params, allow_unused=True)):
                 if g is not None:
@@ -104,6 +105,10 @@ class AGEM(Strategy):
         self.seen += len(ctx.task.train)
 
     # --- cost and state ----------------------------------------------------------------------------------
+    def memory_state(self, run: RunShape) -> list[State]:
+        """The reference gradient during each step (its memory rows are text)."""
+        return [State("reference gradient", run.trainable, "fp32", when="step")]
+
     def extra_memory_bytes(self) -> int:
         """The memory's strings and the reference gradient (one float32 tensor per trainable parameter)."""
         return buffer_bytes(self.buffer) + self.counts["ref_bytes"]

@@ -7,7 +7,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from clsuite import sharding
 from clsuite.errors import UserError
+from clsuite.memory import RunShape, State, quadratic_penalty
 from clsuite.strategies._anchored import (FRESH_ADAPTER, finished_task_rows, lora_merge_conflict,
                                           per_example_importance, quadratic_sum, seeded_sample, snapshot,
                                           tensor_bytes, warn_unmatched)
@@ -48,9 +50,12 @@ class EWC(Strategy):
         """Empirical diagonal Fisher: mean over ``rows`` of the squared per-example gradient of ``ctx.loss``.
 
         Under data parallelism each rank takes a strided share of ``rows`` and the sums are all-reduced, so every
-        rank holds the same Fisher (the one process's, up to the order of the sum)."""
-        return per_example_importance(ctx, rows, lambda row: ctx.loss([row]), lambda g: g.pow(2),
-                                      "loss while computing EWC's Fisher")
+        rank holds the same Fisher (the one process's, up to the order of the sum). Under FSDP each rank holds its
+        shard of it, the per-example gradients squared before they are summed over ranks."""
+        objective, what = (lambda row: ctx.loss([row])), "loss while computing EWC's Fisher"
+        if sharding.is_sharded_model(ctx.model):
+            return sharding.mean_squared_gradients(ctx, rows, objective, what)
+        return per_example_importance(ctx, rows, objective, lambda g: g.pow(2), what)
 
     def before_training(self, ctx: Any) -> None:
         """With ``general``: protect what the initial model knows, as if its general data were a task learned."""
@@ -87,7 +92,7 @@ class EWC(Strategy):
         """(lambda/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)² over matching trainable parameters; None if nothing is stored."""
         if not self.fishers:
             return None
-        total = quadratic_sum(model, zip(self.fishers, self.anchors))
+        total = quadratic_sum(model, zip(self.fishers, self.anchors))  # sharded: the whole sum's value
         if total is None:
             if not self._warned:
                 warn_unmatched("ewc")
@@ -101,6 +106,13 @@ class EWC(Strategy):
         return self.penalty(ctx.model)
 
     # --- cost and state ---------------------------------------------------------------------------------------
+    def memory_state(self, run: RunShape) -> list[State]:
+        """A Fisher and an anchor per finished task but the last (online: one pair), and the general one."""
+        general = int(bool(self.params.general and run.general))
+        pairs = run.tasks - 1 + general if self.params.mode == "separate" else int(run.tasks > 1 or bool(general))
+        return [State(f"Fisher ({pairs})", pairs * run.trainable, "fp32"),
+                State(f"anchors ({pairs})", pairs * run.trainable), *quadratic_penalty(run, pairs)]
+
     def extra_memory_bytes(self) -> int:
         """Bytes of every stored Fisher and anchor."""
         return tensor_bytes(*self.fishers, *self.anchors)

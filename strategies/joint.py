@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from clsuite.memory import RunShape, State
 from clsuite.strategy import Strategy, register
 
 
@@ -31,6 +32,9 @@ class Joint(Strategy):
                     break
                 i -= n
         return out
+
+    def memory_state(self, run: RunShape) -> list[State]:
+        return []  # draws text rows of the stream's tasks
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()

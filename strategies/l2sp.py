@@ -8,6 +8,7 @@ import torch
 from pydantic import Field
 
 from clsuite.errors import UserError
+from clsuite.memory import RunShape, State, quadratic_penalty
 from clsuite.numerics import at_least_float32
 from clsuite.strategies._anchored import lora_merge_conflict, snapshot, tensor_bytes, trainable
 from clsuite.strategy import Params, Strategy, register
@@ -50,6 +51,9 @@ class L2SP(Strategy):
 
     def before_backward(self, ctx: Any) -> torch.Tensor | None:
         return None if self.params.alpha == 0 else self.penalty(ctx.model)
+
+    def memory_state(self, run: RunShape) -> list[State]:
+        return [State("starting point", run.trainable), *quadratic_penalty(run, 1, "θ − θ₀")]
 
     def extra_memory_bytes(self) -> int:
         """The starting point: one copy of the trainable parameters."""

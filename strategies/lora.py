@@ -26,6 +26,7 @@ import torch
 from pydantic import Field, field_validator
 
 from clsuite.errors import UserError
+from clsuite.memory import ModelShape, RunShape, State, Trainable, lora_targets
 from clsuite.strategy import Params, Strategy, register
 
 
@@ -119,6 +120,14 @@ class LoRA(Strategy):
             ctx.model = self.unwrap(ctx.model)
 
     # --- cost and state ----------------------------------------------------------------------------
+    def memory_trainable(self, shape: ModelShape) -> Trainable:
+        """The adapter's A and B (PEFT keeps them in float32 on a bfloat16 model); the base weights are frozen."""
+        return Trainable(sum(self.params.r * (i + o) for _, i, o in lora_targets(shape, self.params.target_modules)),
+                         "fp32")
+
+    def memory_state(self, run: RunShape) -> list[State]:
+        return [State("adapter weights", run.trainable, "fp32")]
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         if self.peft_model is None:
             return {}

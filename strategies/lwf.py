@@ -11,6 +11,7 @@ from pydantic import Field
 
 from clsuite import distributed
 from clsuite.data import forward_logits
+from clsuite.memory import RunShape, State
 from clsuite.numerics import at_least_float32
 from clsuite.strategy import Params, Strategy, register
 
@@ -114,6 +115,14 @@ class LwF(Strategy):
             vars(self).pop(name, None)
 
     # --- cost and state ----------------------------------------------------------------------------------
+    def memory_state(self, run: RunShape) -> list[State]:
+        """From the second experience on: the teacher and one step's teacher log-probabilities."""
+        if run.tasks < 2:
+            return []
+        step = run.micro_batch * run.micro_batches * run.head_positions * run.model.vocab
+        return [State("teacher copy of the model", run.model.parameters),
+                State("teacher log-probabilities of a step", step, "fp32", sharded=False)]
+
     def extra_memory_bytes(self) -> int:
         """The teacher copy (parameters and buffers) and the largest step's cached teacher log-probabilities."""
         return self.counts["teacher_bytes"] + self.counts["cache_bytes"]

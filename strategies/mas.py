@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from clsuite.memory import RunShape, State, quadratic_penalty
 from clsuite.numerics import at_least_float32
 from clsuite.strategies._anchored import (finished_task_rows, importance_state, load_importance_state,
                                           lora_merge_conflict, per_example_importance, quadratic_sum, seeded_sample,
@@ -84,6 +85,13 @@ class MAS(Strategy):
         return None if self.params.lam == 0 else self.penalty(ctx.model)
 
     # --- cost and state ----------------------------------------------------------------------------------
+    def memory_state(self, run: RunShape) -> list[State]:
+        """After the first finished task (none with one task): Ω and the anchor."""
+        if run.tasks < 2:
+            return []
+        return [State("importance", run.trainable, "fp32"), State("anchor", run.trainable),
+                *quadratic_penalty(run, 1)]
+
     def extra_memory_bytes(self) -> int:
         """Ω (float32 at least) and the anchor (the parameters' dtype) of every trainable parameter."""
         return tensor_bytes(self.importance, self.anchor)

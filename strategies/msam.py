@@ -8,6 +8,7 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import Field, model_validator
 
+from clsuite.distributed import local
 from clsuite.errors import UserError
 from clsuite.strategy import Params, register
 from clsuite.strategies.sam import _EPS, SharpnessAware
@@ -60,6 +61,6 @@ class MSAM(SharpnessAware):
             if not math.isfinite(float(norm)):
                 return self.diverged()
             factor = -self.rho_at(ctx.step, ctx.total_steps) / norm.clamp_min(_EPS)
-        loss = self.pass_at(closure, list(momenta), lambda p: (momenta[p] * factor.to(p.device)).to(p.dtype))
+        loss = self.pass_at(closure, list(momenta), lambda p: (local(momenta[p]) * factor.to(p.device)).to(p.dtype))
         self.take_step(ctx, perturbed=True)
         return loss  # the objective at w + e: MSAM makes no pass at w

@@ -1,4 +1,5 @@
 """Plain fine-tuning: no plugin changes the engine's default loop."""
+from clsuite.memory import RunShape, State
 from clsuite.strategy import Strategy, register
 
 
@@ -6,3 +7,6 @@ from clsuite.strategy import Strategy, register
 class Naive(Strategy):
     kind = "base"
     description = "plain fine-tuning on each task in turn (the forgetting baseline)"
+
+    def memory_state(self, run: RunShape) -> list[State]:
+        return []

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from clsuite.memory import RunShape, State, lora_targets
 from clsuite.numerics import at_least_float32
 from clsuite.strategies._anchored import tensor_bytes
 from clsuite.strategies.lora import AdapterParams, LoRA
@@ -105,6 +106,11 @@ class OLoRA(LoRA):
         return self.penalty()
 
     # --- cost and state ----------------------------------------------------------------------------
+    def memory_state(self, run: RunShape) -> list[State]:
+        """The adapter, and the A factors (r × in) of every finished task but the last."""
+        a = sum(self.params.r * i for _, i, _ in lora_targets(run.model, self.params.target_modules))
+        return super().memory_state(run) + [State("earlier tasks' A factors", max(0, run.tasks - 1) * a, "fp32")]
+
     def extra_memory_bytes(self) -> int:
         """Bytes of the stored A factors."""
         return tensor_bytes(self.stored)

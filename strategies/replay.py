@@ -39,6 +39,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from clsuite.errors import UserError
+from clsuite.memory import RunShape, State
 from clsuite.strategy import Params, Strategy, register
 
 
@@ -201,6 +202,9 @@ class Replay(Strategy):
             self.add_task(ctx.task.name, ctx.task.train)
 
     # --- cost and state ----------------------------------------------------------------------------
+    def memory_state(self, run: RunShape) -> list[State]:
+        return [State("buffer of text rows (no tensors)", 0, where="host")]
+
     def extra_memory_bytes(self) -> int:
         return buffer_bytes(self.buffer)
 

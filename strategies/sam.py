@@ -1,6 +1,7 @@
 """Sharpness-aware minimization (Foret et al. 2021) and adaptive SAM (Kwon et al. 2021): two passes of the full
 objective per step, one global norm, exact restore (docs/sam.md); ``SharpnessAware`` holds what the efficient
-variants share with them (docs/efficient-sam.md)."""
+variants share with them (docs/efficient-sam.md). Under ``parallel=fsdp`` each process holds a shard of every
+tensor: norms and dot products go through ``clsuite.sharding`` (over every shard), the rest works shard by shard."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,9 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from clsuite.numerics import at_least_float32
+from clsuite import sharding
+from clsuite.distributed import local
+from clsuite.memory import RunShape, State
 from clsuite.strategy import Params, Strategy, register
 
 _EPS = 1e-12
@@ -58,16 +61,12 @@ class SharpnessAware(Strategy):
 
     @staticmethod
     def _global_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-        """‖concat(tensors)‖₂ over all tensors at once, accumulated in float32 (float64 kept). ``tensors`` may be
-        a generator: each tensor is reduced to its norm before the next is made."""
-        norms = [torch.linalg.vector_norm(t, dtype=at_least_float32(t.dtype)) for t in tensors]
-        if not norms:
-            return torch.zeros(())
-        dev = norms[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]))
+        """‖concat(tensors)‖₂ over all tensors at once, and over every shard of each under FSDP, accumulated in
+        float32 (float64 kept): ``clsuite.sharding.global_norm``. ``tensors`` may be a generator."""
+        return sharding.global_norm(tensors)
 
     def _scale(self, p: torch.Tensor) -> torch.Tensor:
-        """ASAM's T = |w| + eta (a fresh tensor)."""
+        """ASAM's T = |w| + eta (a fresh tensor; sharded like ``p``)."""
         return p.detach().abs().add_(self.params.eta)
 
     def _factor(self, params: list[torch.Tensor], rho: float) -> torch.Tensor | None:
@@ -81,9 +80,10 @@ class SharpnessAware(Strategy):
         return rho / norm.clamp_min(_EPS)
 
     def _e(self, p: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        g = p.grad
+        """This process's part of the perturbation of ``p``: ``factor · g`` (ASAM: ``factor · T² g``)."""
+        g = local(p.grad)
         if self.params.adaptive:
-            t = self._scale(p)
+            t = local(self._scale(p))
             return (t * t * g * factor.to(g.device)).to(p.dtype)
         return (g * factor.to(g.device)).to(p.dtype)
 
@@ -97,17 +97,18 @@ class SharpnessAware(Strategy):
     def pass_at(self, closure: Callable[[], torch.Tensor], params: list[torch.Tensor],
                 e: Callable[[torch.Tensor], torch.Tensor], held: int = 0) -> torch.Tensor:
         """Move each of ``params`` by ``e(p)`` (formed one tensor at a time), run ``closure`` there (its gradient
-        stays in ``.grad``), then restore ``w`` bit-exactly by copy; returns its loss. ``held``: bytes the caller
-        keeps meanwhile, counted with the copy in ``extra_memory_bytes``."""
+        stays in ``.grad``), then restore ``w`` bit-exactly by copy; returns its loss. Under FSDP each process moves
+        and restores its own shards (``e(p)``: the local part, or a tensor sharded like ``p``). ``held``: bytes the
+        caller keeps meanwhile, counted with the copy in ``extra_memory_bytes`` (over all processes)."""
         with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
-            self._copy_bytes = max(self._copy_bytes, held + sum(s.numel() * s.element_size() for s in saved))
+            saved = [local(p).clone() for p in params]
+            self._copy_bytes = max(self._copy_bytes, held + sum(p.numel() * p.element_size() for p in params))
             for p in params:
-                p.add_(e(p))
+                local(p).add_(local(e(p)))
         loss = closure()  # at w + e: same batch, every penalty evaluated at w + e
         with torch.no_grad():
             for p, s in zip(params, saved):
-                p.copy_(s)  # bit-exact restore; (w + e) - e would not be
+                local(p).copy_(s)  # bit-exact restore; (w + e) - e would not be
         return loss
 
     def sam_gradient(self, ctx: Any, closure: Callable[[], torch.Tensor], params: list[torch.Tensor],
@@ -141,6 +142,10 @@ class SharpnessAware(Strategy):
         return torch.full((), float("nan"))
 
     # --- cost and state ----------------------------------------------------------------------------------
+    def memory_state(self, run: RunShape) -> list[State]:
+        """The copy of ``w`` that ``pass_at`` keeps while the objective is evaluated at ``w + e``."""
+        return [State("weights saved during the pass at w + e", run.trainable, when="update")]
+
     def extra_memory_bytes(self) -> int:
         """One copy of the trainable parameters (the saved ``w``), held during each step; the largest seen."""
         return self._copy_bytes

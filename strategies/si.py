@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from clsuite.memory import RunShape, State, quadratic_penalty
 from clsuite.numerics import at_least_float32
 from clsuite.strategies._anchored import (importance_state, load_importance_state, lora_merge_conflict,
                                           quadratic_sum, tensor_bytes, trainable)
@@ -97,6 +98,15 @@ class SI(Strategy):
         return None if self.params.lam == 0 or not self.importance else self.penalty(ctx.model)
 
     # --- cost and state --------------------------------------------------------------------------------------
+    def memory_state(self, run: RunShape) -> list[State]:
+        """With two tasks or more: Ω and θ̃, the path integral and the net displacement, and g and θ at each step."""
+        if run.tasks < 2:
+            return []
+        return [State("importance", run.trainable, "fp32"), State("anchor", run.trainable),
+                *quadratic_penalty(run, 1, "θ − θ̃"),
+                State("path integral and displacement", 2 * run.trainable, "fp32"),
+                State("gradient and weights before the step", 2 * run.trainable, "fp32", when="step")]
+
     def extra_memory_bytes(self) -> int:
         """Ω and θ̃, plus the largest in-experience set held (ω, Σ Δθ, and g and θ during a step; float32 at least)."""
         return tensor_bytes(self.importance, self.anchor) + self.peak_bytes

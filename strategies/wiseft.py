@@ -39,6 +39,7 @@ import torch
 from pydantic import Field
 
 from clsuite.errors import UserError
+from clsuite.memory import RunShape, State, lora_targets
 from clsuite.strategy import Conflict, Params, Strategy, register
 
 _PEFT_PREFIX = "base_model.model."
@@ -189,6 +190,17 @@ class WiseFT(Strategy):
             p.copy_(torch.lerp(start.to(device=p.device, dtype=p.dtype), p.detach(), alpha))
 
     # --- cost and state ----------------------------------------------------------------------------
+    def memory_state(self, run: RunShape) -> list[State]:
+        """A CPU snapshot of the trainable weights; under a merged adapter, of the adapted layers' weights; under a
+        kept adapter (anchor=initial) nothing: B is scaled."""
+        adapter = next((p for p in run.plugins if p.kind == "parametrization"), None)
+        if adapter is None:
+            return [State("snapshot of the weights", run.trainable, where="host")]
+        if getattr(adapter.params, "mode", "merge") == "continue":
+            return []
+        adapted = sum(i * o for _, i, o in lora_targets(run.model, adapter.params.target_modules))
+        return [State("snapshot of the adapted layers' weights", adapted, where="host")]
+
     def extra_memory_bytes(self) -> int:
         """Peak size of the snapshot (a CPU copy of the parameters that can change)."""
         return max(self._peak_bytes, self.extra_bytes_now())

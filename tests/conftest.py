@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -43,7 +48,7 @@ def tiny_llama(seed: int = 0, hidden: int = 16, layers: int = 1, heads: int = 2,
 
 
 CLOCK = {"wall_seconds", "train_seconds", "eval_seconds", "sharpness_seconds", "hook_seconds",
-         "provenance"}  # provenance: argv
+         "provenance", "peak_memory_bytes"}  # provenance: argv; measured memory varies from run to run
 
 
 def comparable(path: Path) -> dict:
@@ -104,3 +109,41 @@ def tiny_runs(cli, store, strategies: str, seeds: str) -> "Path":
         assert code == 0, err
         (store / "made").touch()
     return out
+
+
+@contextmanager
+def gloo_group(rank: int, port: int, world: int) -> Iterator[None]:
+    """This process as ``rank`` of a gloo group of ``world`` on localhost, one thread (a short timeout: a rank that
+    stops joining collectives fails the test instead of hanging it)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=180))
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def spawn_ranks(worker: Callable[[int, int, str], None], tmp: Path, world: int) -> list[Any]:
+    """Run ``worker(rank, port, str(tmp))`` in ``world`` processes; each saves ``tmp/result{rank}.pt``, returned
+    here in rank order."""
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, str(tmp)), nprocs=world, join=True)
+    return [torch.load(tmp / f"result{r}.pt", weights_only=False) for r in range(world)]
+
+
+def assert_like_one_process(a: dict, b: dict, one: dict, label: str, tol: float) -> None:
+    """Two ranks' results ``a``, ``b`` (weights before every step and after each experience, loss curves) against one
+    process's ``one``: the ranks identical, within ``tol`` of one process, and the first step moved the weights."""
+    def max_diff(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
+        assert len(x) == len(y)
+        return max(float((s - t).abs().max()) for s, t in zip(x, y))
+    assert all(torch.equal(x, y) for x, y in zip(a["weights"], b["weights"]))
+    diff = max_diff(a["weights"], one["weights"])
+    print(f"\n{label}: max |w - w_single| = {diff:.3g}")
+    assert diff < tol and max_diff(a["weights"][1:2], one["weights"][:1]) > 1e-4
+    for la, lo in zip(a["loss_curves"], one["loss_curves"]):
+        assert la == pytest.approx(lo, rel=1e-5)

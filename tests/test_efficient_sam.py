@@ -5,6 +5,7 @@ the cost they report."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -89,6 +90,28 @@ def test_looksam_matches_hand_computation():
     ctx.step = 1
     _, calls = sam_step(ctx)
     assert len(calls) == 2, "after an experience g_v is gone, so the next step is a SAM step"
+
+
+def _zero_in_place(ctx: Context) -> None:
+    """Make the engine's closure zero ``.grad`` in place instead of dropping it (as some training loops do)."""
+    def zero_grad(set_to_none: bool = True) -> None:
+        for p in ctx.trainable_parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+    ctx.optimizer.zero_grad = zero_grad
+
+
+def test_looksam_keeps_g_when_the_closure_reuses_the_gradient_storage():
+    """LookSAM keeps g by reference, not as a copy, so the pass at w + e must not write into g's storage: a closure
+    that zeroes .grad in place gives the same steps, bit for bit, as the engine's, which drops .grad."""
+    got = []
+    for in_place in (False, True):
+        ctx = make_ctx(MLP(seed=2), "looksam(rho=0.2, k=2, alpha=0.7)", lr=0.3)
+        if in_place:
+            _zero_in_place(ctx)
+        got.append(run_steps(ctx, 3))
+    for a, b in zip(*got):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 # --- SS-SAM ------------------------------------------------------------------------------------------------------
@@ -418,7 +441,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
     from clsuite.streams import load_stream
     mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    r0, r1 = (torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in range(WORLD))
+    r0, r1 = (torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(WORLD))
     stream = load_stream(TINY_STREAM)
     for spec in DDP_SPECS:
         one = _run(stream, spec, {})
@@ -426,3 +449,85 @@ def test_two_processes_equal_one_process(tmp_path):
         assert _max_diff(r0[spec]["weights"], one["weights"]) < TOL, spec
         # the count is of the global batch on every rank: equal counts are the same SAM/plain decisions
         assert r0[spec]["example_passes"] == one["example_passes"] == r1[spec]["example_passes"], spec
+
+
+# --- perf/efficient_sam.py: the harness behind docs/efficient-sam.md's figures -------------------------------------
+def _perf_harness():
+    path = Path(__file__).parents[1] / "perf" / "efficient_sam.py"
+    spec = importlib.util.spec_from_file_location("perf_efficient_sam", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kept_reduction_its_interval_and_the_step_cost():
+    h = _perf_harness()
+    assert h.kept_reduction(0.30, 0.10, 0.15) == pytest.approx(0.75)
+    assert h.kept_reduction(0.30, 0.10, 0.30) == 0 and h.kept_reduction(0.30, 0.10, 0.10) == 1
+    assert h.kept_reduction(0.30, 0.10, 0.40) == pytest.approx(-0.5)  # sharper than naive
+    assert math.isnan(h.kept_reduction(0.2, 0.2, 0.1))
+    lo, hi = h.kept_interval([0.3, 0.5, 0.4], [0.1, 0.3, 0.2], [0.2, 0.4, 0.3])  # half of SAM's on every seed
+    assert (lo, hi) == pytest.approx((0.5, 0.5))
+    assert h.kept_interval([0.3, 0.5], [0.1, 0.3], [0.3, 0.3]) == pytest.approx((0.0, 1.0))  # kept 0, then 1
+    naive = {"sam_fraction": 0.0, "plain_step": 2.0, "sam_step": None}
+    run = {"sam_fraction": 0.25, "plain_step": 2.2, "sam_step": 4.0}
+    assert h.step_cost(run, naive) == pytest.approx(0.75 * 1.1 + 0.25 * 2.0)
+    assert h.step_cost({"sam_fraction": 1.0, "plain_step": None, "sam_step": 4.0}, naive) == pytest.approx(2.0)
+
+
+def test_harness_trains_every_task_and_reports_cost_and_kept_reduction(tiny_stream, lm):
+    h = _perf_harness()
+    model, tok = lm
+    before = _state(model)
+    specs = ["naive", "sam", "looksam(k=2)"]
+    runs = [h.train_stream(model, tok, tiny_stream, s, seed, 4) for seed in (0, 1) for s in specs]
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), _state(model).values()))  # trained on copies
+    by = {(r["spec"], r["seed"]): r for r in runs}
+    for spec, passes in zip(specs, (1.0, 2.0, 1.5)):  # looksam(k=2): SAM at steps 0 and 2 of each 4-step task
+        r = by[(spec, 0)]
+        assert r["steps"] == 8 and r["passes"] == pytest.approx(passes)
+        assert r["sam_fraction"] == pytest.approx(passes - 1)
+        assert len(r["worst_by_experience"]) == 2 and r["worst"] == r["worst_by_experience"][-1]
+        assert all(math.isfinite(w) for w in r["worst_by_experience"] + r["loss_by_experience"])
+        assert (r["plain_step"] is None) == (spec == "sam") and (r["sam_step"] is None) == (spec == "naive")
+    again = h.train_stream(model, tok, tiny_stream, "sam", 1, 4)
+    assert again["worst_by_experience"] == by[("sam", 1)]["worst_by_experience"]  # same seed, same weights
+    assert by[("naive", 0)]["worst"] != by[("naive", 1)]["worst"]  # the seed orders the data
+    summary = {r["spec"]: r for r in h.summarize(runs, specs)}
+    assert summary["sam"]["kept"] == [1.0, 1.0] and summary["naive"]["kept"] == [0.0, 0.0]
+    assert summary["looksam(k=2)"]["kept_of_means"] == pytest.approx(h.kept_reduction(
+        *(np.mean([by[(s, k)]["worst"] for k in (0, 1)]) for s in ("naive", "sam", "looksam(k=2)"))))
+    assert summary["sam"]["passes"] == [2.0, 2.0] and summary["naive"]["time"] == [1.0, 1.0]
+    assert len(h.table(list(summary.values())).splitlines()) == 2 + len(specs)
+
+
+def _result(seed: int, worst: dict[str, float]) -> dict:
+    runs = [{"spec": s, "seed": seed, "seconds": 2.0 * (1 + f), "steps": 2, "passes": 1 + f, "sam_fraction": f,
+             "plain_step": 1.0 if f < 1 else None, "sam_step": 2.0 if f > 0 else None, "worst": w, "loss": 0.1,
+             "worst_by_experience": [w], "loss_by_experience": [0.1]}
+            for (s, w), f in zip(worst.items(), (0.0, 1.0, 0.2))]
+    return {"stream": "unit", "seeds": [seed], "threads": 1, "steps": 2, "tasks": 1, "batch_size": 4,
+            "sharpness_examples": 8, "load": [1.0, 2.0], "command": f"efficient_sam.py --seeds {seed}", "runs": runs}
+
+
+def test_merged_report_gives_the_verdict_of_each_variant(capsys):
+    h = _perf_harness()
+    h.report([_result(0, {"naive": 0.3, "sam": 0.1, "v": 0.12}), _result(1, {"naive": 0.5, "sam": 0.3, "v": 0.4})])
+    out = capsys.readouterr().out
+    assert "seeds 0,1" in out and out.count("command:") == 2
+    assert "misses: v (cost 1.20x, kept 0.70)" in out  # kept of the means: (0.4 - 0.26) / (0.4 - 0.2)
+    h.report([_result(0, {"naive": 0.3, "sam": 0.1, "v": 0.12})])
+    assert "meets: v (cost 1.20x, kept 0.90)" in capsys.readouterr().out
+    second = _result(0, {"naive": 0.3, "sam": 0.1, "v": 0.12})  # a second job at the same seed: the first is kept
+    for run in second["runs"]:
+        run["plain_step"] = run["plain_step"] and 2 * run["plain_step"]  # a slower job, whose runs are dropped
+        run["sam_step"] = run["sam_step"] and 2 * run["sam_step"]
+    second["runs"][2]["worst_by_experience"] = [0.2]
+    h.report([_result(0, {"naive": 0.3, "sam": 0.1, "v": 0.12}), second])
+    out = capsys.readouterr().out
+    assert "naive at seed 0 is in two jobs: same sharpness" in out and "v at seed 0 is in two jobs: DIFFERENT" in out
+    assert "meets: v (cost 1.20x, kept 0.90)" in out
+    with pytest.raises(SystemExit, match="every strategy needs every seed"):
+        bad = _result(1, {"naive": 0.5, "sam": 0.3, "v": 0.4})
+        bad["runs"] = bad["runs"][:2]
+        h.report([_result(0, {"naive": 0.3, "sam": 0.1, "v": 0.12}), bad])

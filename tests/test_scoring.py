@@ -52,6 +52,73 @@ def test_shared_prompt_cache_equals_full_sequences(model_tok, bos, delimiter):
             assert ll == pytest.approx(_naive_loglik(model, tok, row["prompt"], c, bos, delimiter), abs=1e-4)
 
 
+MANY_ROWS = [{"prompt": "q" * (1 + i % 7), "choices": ["a" * (1 + (i + k) % 4) for k in range(2 + i % 3)], "answer": 0}
+             for i in range(11)]  # prompts of 1-7 characters (tokens), 2-4 choices of 1-4 tokens
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_packed_questions_equal_full_sequences(model_tok, batch_size):
+    """Several questions share a row of a pass and choices share their prompt under the block mask: each choice's
+    log-likelihood is still that of its own prompt + choice run alone."""
+    model, tok = model_tok
+    got = choice_logliks(model, tok, MANY_ROWS, False, 64, batch_size)
+    want = [[_naive_loglik(model, tok, r["prompt"], c) for c in r["choices"]] for r in MANY_ROWS]
+    assert [len(s) for s in got] == [len(r["choices"]) for r in MANY_ROWS]
+    assert [x for s in got for x in s] == pytest.approx([x for s in want for x in s], abs=1e-4)
+
+
+def test_packing_without_logits_to_keep_gives_the_same(model_tok):
+    """A model whose forward takes no ``logits_to_keep`` has every position projected, then the scored ones read."""
+    model, tok = model_tok
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache)
+
+    plain = choice_logliks(NoKeep(model), tok, MANY_ROWS, False, 64, 3)
+    assert [x for s in plain for x in s] == pytest.approx(
+        [x for s in choice_logliks(model, tok, MANY_ROWS, False, 64, 3) for x in s], abs=1e-5)
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_a_shared_prompt_prefix_runs_once(model_tok, bos):
+    """Prompts that share 16 tokens or more (an instruction, a chat template's system turn) run that prefix once;
+    every question continues from its cache, with the scores of full sequences."""
+    model, tok = model_tok
+    head = "answer in one word: "  # 20 characters, one token each
+    rows = [{"prompt": head + q, "choices": ["ab", "b", "abc"], "answer": 0} for q in ("x", "yy", "zzz", "x y")]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        got = choice_logliks(model, tok, rows, False, 64, 2, bos=bos)
+    finally:
+        hook.remove()
+    shared = len(tok((tok.bos_token if bos else "") + head, add_special_tokens=False)["input_ids"])
+    assert seen[0] == (1, shared) and all(s[1] < 16 for s in seen[1:])
+    want = [[_naive_loglik(model, tok, r["prompt"], c, bos) for c in r["choices"]] for r in rows]
+    assert [x for s in got for x in s] == pytest.approx([x for s in want for x in s], abs=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_pack_places_each_question_once_in_rows_no_wider_than_their_pass(rows):
+    from clsuite.scoring import _pack
+    lengths = [5, 3, 8, 2, 2, 7, 1, 8, 4]
+    passes = _pack(lengths, rows)
+    placed = [i for p in passes for r in p for i in r]
+    assert sorted(placed) == list(range(len(lengths)))
+    for p in passes:
+        assert 1 <= len(p) <= rows
+        width = lengths[p[0][0]]  # the pass's first question is its longest
+        assert all(sum(lengths[i] for i in r) <= width for r in p)
+    assert sum(len(p) for p in passes) < len(lengths) or rows == 1  # short questions share rows
+    assert _pack([], rows) == []
+
+
 def test_default_conventions_are_the_previous_format(model_tok):
     """Published numbers do not move: the defaults give the old token ids and scores, and the options change them."""
     model, tok = model_tok
@@ -109,6 +176,51 @@ def test_exact_match_counts_greedy_output(model_tok):
     # the first target is a prefix of the greedy output; it counts only if generation stops there
     res = score("exact_match", model, tok, rows, False, 64, 2)
     assert 0.0 <= res["score"] <= 0.5
+
+
+def test_hopeless_rows_are_those_that_can_no_longer_match(model_tok):
+    from clsuite.scoring import _Hopeless
+    _, tok = model_tok
+    texts = ["", " 4", " 42", "42  ", "43", "4 2", "42x", "\n"]
+    ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]
+                        + [tok.pad_token_id] * (4 - len(t)) for t in texts])
+    stop = _Hopeless(tok, [" 42 "] * len(texts), 0)
+    assert stop(ids, None).tolist() == [False, False, False, False, True, True, True, False]
+
+
+def _greedy_hits(model, tok, rows, budget):
+    """Each row generated alone with the full budget and no early stop: the reference exact_match."""
+    hits = []
+    for r in rows:
+        ids = torch.tensor([encode_pair(tok, r["prompt"], "", False, 64, eos=False)[0]])
+        out = model.generate(input_ids=ids, max_new_tokens=budget, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        hits.append(int(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == r["target"].strip()))
+    return hits
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_exact_match_stops_early_with_the_hits_of_full_generation(model_tok, batch_size):
+    """Rows stop once hopeless or at EOS, batched by prompt length: the same items as full generation of each row
+    alone, in fewer forward passes. EOS is the character the tiny model emits third after "copy ab:", so it can hit."""
+    import copy
+    model, tok = model_tok
+    tok = copy.deepcopy(tok)
+    tok.eos_token = "8"
+    rows = [{"prompt": "copy ab:", "target": "3i8"}, {"prompt": "x", "target": ",,,"},
+            {"prompt": "copy ab:", "target": "3i"}, {"prompt": "len hello:", "target": "3"},
+            {"prompt": "len hello:", "target": " 3i8 "},
+            {"prompt": "q", "target": "zzzzzzzz"}]
+    budget = max(len(tok(r["target"], add_special_tokens=False)["input_ids"]) for r in rows) + 2
+    want = _greedy_hits(model, tok, rows, budget)
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = score("exact_match", model, tok, rows, False, 64, batch_size)
+    finally:
+        hook.remove()
+    assert got["items"] == want and sum(want) == 2
+    assert len(calls) < len(rows) * budget / batch_size
 
 
 @pytest.mark.parametrize("bos, delimiter", CONVENTION_CASES)
