@@ -49,7 +49,7 @@ def run(
     force: bool = typer.Option(False, help="re-run cells that already have a record"),
     leaderboard: Optional[Path] = typer.Option(None, help="also publish a leaderboard under this directory"),
     quiet: bool = typer.Option(False, help="no progress bars"),
-    sharpness: str = typer.Option("off", help="sharpness after each experience: off | cheap | full"),
+    sharpness: str = typer.Option("off", help="sharpness after each experience: off | worst | cheap | full"),
     save_model: bool = typer.Option(False, help="also save each run's final model beside its record (seed<k>.model/)"),
     resume: bool = typer.Option(False, help="continue interrupted cells from their last experience checkpoint "
                                 "(seed<k>.ckpt/ beside the record)"),
@@ -356,7 +356,8 @@ def landscape_compare(
 
 @app.command()
 def correlate(
-    records: list[Path] = typer.Argument(..., help="run-record files or directories (runs with sharpness)"),
+    records: list[Path] = typer.Argument(..., help="run-record files, directories or .zip archives of them (runs "
+                                         "with sharpness)"),
     out: Path = typer.Option(Path("correlations"), help="where correlation.{csv,md,png} and runs.csv go"),
 ) -> None:
     """Correlate sharpness with forgetting across runs: Spearman (bootstrap CI), Pearson, scatter plots."""
@@ -369,8 +370,8 @@ def correlate(
 
 @app.command()
 def site(
-    records: list[Path] = typer.Argument(..., help="run-record files or directories; a 'clsuite tune' directory "
-                                         "also adds its protocol leaderboard"),
+    records: list[Path] = typer.Argument(..., help="run-record files, directories or .zip archives of them; a "
+                                         "'clsuite tune' directory also adds its protocol leaderboard"),
     out: Path = typer.Option(..., help="the site folder, replaced whole (a new one, or one 'clsuite site' wrote)"),
 ) -> None:
     """A static web leaderboard: a page per stream and per run, sortable and filterable, opened from disk."""

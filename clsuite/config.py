@@ -75,8 +75,9 @@ class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)
     max_examples: int | None = Field(None, ge=1, description="cap on eval examples per task")
-    sharpness: Literal["off", "cheap", "full"] = Field(
-        "off", description="sharpness scalars after each experience (clsuite.sharpness.measure_sharpness)")
+    sharpness: Literal["off", "worst", "cheap", "full"] = Field(
+        "off", description="sharpness scalars after each experience (clsuite.sharpness.measure_sharpness): worst: "
+        "worst-case only; cheap: and the Hessian trace; full: and the top eigenvalue and surface metrics")
     sharpness_examples: int = Field(32, ge=1, description="first train rows of the experience's task measured")
 
 

@@ -87,7 +87,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     cls = getattr(torch.optim, cfg.optimizer, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise UserError(f"unknown optimizer {cfg.optimizer!r}: use a torch.optim class name such as AdamW or SGD")
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if memory.fused(cls) else {}))
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -419,8 +419,8 @@ def plan_memory(shape: ModelShape, train: TrainConfig, spec: str, processes: int
     """The memory of one of ``processes`` processes training ``spec`` on ``shape`` with ``train``'s settings:
     replicated (``ddp``: the engine's gradient all-reduce) or sharded by the number of processes (``fsdp``).
     ``tokens``: per example (default ``max_length``, an upper bound: batches pad to their longest row);
-    ``head_positions``: positions with logits (default ``tokens``); ``device``: ``cuda`` steps AdamW with foreach
-    (one temporary copy of the state's size), ``cpu`` one tensor at a time."""
+    ``head_positions``: positions with logits (default ``tokens``); ``device``: an optimizer without a fused kernel steps
+    with foreach on ``cuda`` (one temporary copy of the state's size), one tensor at a time on ``cpu``."""
     from .strategy import build_strategy, canonical_spec
     if processes < 1:
         raise UserError(f"--processes {processes}: give at least 1")
@@ -502,10 +502,20 @@ def _training_lines(run: RunShape, train: TrainConfig, trainable: Trainable | No
     state = None if t_el is None else t_el * states * 4 / n
     out.append(_line(name, state, state, note=f"{states} fp32 tensors per trainable parameter", end=state))
     if t_el is not None and states:
-        temp = (t_el / n if device == "cuda" else 2 * min(shape.largest_tensor, t_el)) * 4
-        out.append(_line("optimizer step temporaries", 0, temp, note="foreach: one state-sized copy"
-                         if device == "cuda" else "one tensor at a time: two of the largest"))
+        if fused(getattr(torch.optim, train.optimizer, None)):
+            out.append(_line("optimizer step temporaries", 0, 0, note="fused: updated in place"))
+        else:
+            temp = (t_el / n if device == "cuda" else 2 * min(shape.largest_tensor, t_el)) * 4
+            out.append(_line("optimizer step temporaries", 0, temp, note="foreach: one state-sized copy"
+                             if device == "cuda" else "one tensor at a time: two of the largest"))
     return out
+
+
+def fused(cls: Any) -> bool:
+    """Whether the engine steps optimizer class ``cls`` fused (torch has a fused kernel for it: AdamW, Adam, SGD,
+    Adagrad): no temporaries, 0.15x the CPU time of its default loop on SmolLM2 (README, Performance)."""
+    import inspect
+    return isinstance(cls, type) and "fused" in inspect.signature(cls).parameters
 
 
 def _activation_lines(run: RunShape, train: TrainConfig, trainable: Trainable | None, n: int) -> list[Line]:

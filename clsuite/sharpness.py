@@ -10,7 +10,7 @@ from .data import lm_loss
 from .records import finite_or_none
 
 PREFIX = "sharpness_"
-LEVELS = ("cheap", "full")
+LEVELS = ("worst", "cheap", "full")
 # Settings of the scalars (fixed, so numbers are comparable between runs).
 RHO, ASCENT_STEPS, TRACE_SAMPLES, EIG_ITERS, GRID, SPAN = 0.05, 1, 5, 10, 7, 1.0
 
@@ -25,13 +25,15 @@ def first_rows(data: Any, n: int) -> list[dict]:
 def sharpness_scalars(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
                       params: Sequence[torch.Tensor] | None = None, level: str = "cheap",
                       seed: int = 0) -> dict[str, float | None]:
-    """``sharpness_*`` scalars of a fixed-batch loss: worst-case (ρ=0.05, 1 step) and Hutchinson trace (5 samples);
-    ``full`` adds top eigenvalue (10 iters) and 7×7 filter-normalized surface metrics. Non-finite values -> None."""
+    """``sharpness_*`` scalars of a fixed-batch loss: ``worst``: worst-case (ρ=0.05, 1 step); ``cheap`` adds the
+    Hutchinson trace (5 samples), ``full`` the top eigenvalue (10 iters) and 7×7 filter-normalized surface metrics.
+    Non-finite values -> None."""
     if level not in LEVELS:
         raise ValueError(f"sharpness level {level!r}: choose one of {', '.join(LEVELS)}")
     kw: dict[str, Any] = dict(seed=seed, disable_progress=True)
-    out = {"worst": fl.worst_case_sharpness(model, loss_fn, params, rho=RHO, steps=ASCENT_STEPS, **kw),
-           "trace": fl.hessian_trace(model, loss_fn, params, samples=TRACE_SAMPLES, **kw)}
+    out = {"worst": fl.worst_case_sharpness(model, loss_fn, params, rho=RHO, steps=ASCENT_STEPS, **kw)}
+    if level != "worst":
+        out["trace"] = fl.hessian_trace(model, loss_fn, params, samples=TRACE_SAMPLES, **kw)
     if level == "full":
         out["top_eig"] = fl.hessian_top_eigenvalue(model, loss_fn, params, iters=EIG_ITERS, **kw)
         surface = fl.loss_surface_2d(model, loss_fn, params, span=SPAN, steps=GRID, filter_normalize=True, **kw)

@@ -148,10 +148,10 @@ def load_grid(path: Path) -> Grid:
         grid = Grid.model_validate(doc)
     except pydantic.ValidationError as e:
         raise UserError(f"grid {path}: {'; '.join(_problem(x) for x in e.errors())} ({EXAMPLE})") from None
-    check_keys(list(grid.set_), TrainConfig, f"grid {path}, set:")
+    check_keys(list(grid.set_), TrainConfig, f"grid {path}, set")
     for i, entry in enumerate(grid.runs):
-        check_keys(list(entry.set_), TrainConfig, f"grid {path}, runs[{i}].set:")
-    check_keys(list(grid.eval), EvalConfig, f"grid {path}, eval:")
+        check_keys(list(entry.set_), TrainConfig, f"grid {path}, runs[{i}].set")
+    check_keys(list(grid.eval), EvalConfig, f"grid {path}, eval")
     return grid
 
 

@@ -60,6 +60,8 @@ class TuneGrid(BaseModel):
     model: StrictStr | None = None
     set_: dict[str, Any] = Field({}, alias="set", description="training settings fixed for every cell")
     eval: dict[str, Any] = {}
+    test_eval: dict[str, Any] = Field({}, description="evaluation settings of the test runs only, over eval (e.g. "
+                                      "{sharpness: worst}): what the test runs measure beside, never what is selected")
 
     @pydantic.model_validator(mode="after")
     def _disjoint_seeds(self) -> "TuneGrid":
@@ -96,11 +98,13 @@ def load_tune_grid(path: Path) -> TuneGrid:
     if grid.rule.name not in RULES:
         raise UserError(f"tuning grid {path}: rule: unknown rule {grid.rule.name!r}: "
                         f"{did_you_mean(grid.rule.name, RULES.names())}known: {', '.join(RULES.names())}")
-    check_keys([k for k in grid.set_], TrainConfig, f"tuning grid {path}, set:")
-    check_keys(list(grid.eval), EvalConfig, f"tuning grid {path}, eval:")
-    if "split" in grid.eval:
-        raise UserError(f"tuning grid {path}, eval: split is set by clsuite tune (val to select, test to report); "
-                        "remove it")
+    check_keys([k for k in grid.set_], TrainConfig, f"tuning grid {path}, set")
+    for key in ("eval", "test_eval"):
+        check_keys(list(getattr(grid, key)), EvalConfig, f"tuning grid {path}, {key}")
+        if "split" in getattr(grid, key):
+            raise UserError(f"tuning grid {path}, {key}: split is set by clsuite tune (val to select, test to "
+                            "report); remove it")
+    validated(EvalConfig, {**grid.eval, **grid.test_eval}, f"tuning grid {path}, test_eval")
     return grid
 
 
@@ -369,7 +373,9 @@ def run_tune(path: Path, out: Path, test_seeds: list[int] | None = None,
         written[stream] = d / SELECTED
         if grid.test_seeds:
             test_grid = d / "test-grid.yaml"
-            write_text(test_grid, f"include: {SELECTED}\nseeds: {list(grid.test_seeds)}\n")
+            extra = f"eval: {yaml.safe_dump({**grid.eval, **grid.test_eval}, default_flow_style=True)}" \
+                if grid.test_eval else ""
+            write_text(test_grid, f"include: {SELECTED}\nseeds: {list(grid.test_seeds)}\n{extra}")
             _ran(run(expand(load_grid(test_grid), test_grid, Path(out) / "test")))
     return written
 

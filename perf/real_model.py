@@ -1,8 +1,8 @@
 """Performance of clsuite on SmolLM2-135M in one run: matmul peak, the engine against a plain training loop, the
-SAM variants against naive, scorer throughput against lm-eval's HFLM, and one smollm2-bbc run timed by phase.
-Each figure is the median of interleaved repeats, its min-max beside it.
+SAM variants against naive, scorer throughput against lm-eval's HFLM, exact match before and after its early stop,
+and one smollm2-bbc run timed by phase. Each figure is the median of interleaved repeats, its min-max beside it.
 
-    python perf/real_model.py [--repeats 3] [--steps 4] [--threads 2] [--quick]
+    python perf/real_model.py [--repeats 3] [--steps 4] [--threads 2] [--long-items 30] [--quick]
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import transformers
 
 from clsuite import engine
 from clsuite.config import RunConfig, resolve_config
-from clsuite.data import collate, prompt_text
+from clsuite.data import collate, encode_pair, prompt_text
 from clsuite.engine import Context, evaluate, set_seed, train_experience
 from clsuite.models import load_model
-from clsuite.scoring import choice_logliks
+from clsuite.scoring import _batches, _left_pad, _pad_id, choice_logliks, exact_match
 from clsuite.strategy import build_strategy
-from clsuite.streams import Stream, load_stream
+from clsuite.streams import DATA_BUILDERS, Stream, load_stream
 
 VARIANTS = ("sam", "looksam", "sssam", "aesam", "msam")
 LM_EVAL = {"bos": False, "target_delimiter": " "}  # lm-eval's conventions, so predictions can be compared
@@ -146,33 +146,71 @@ def training(base: torch.nn.Module, tok: Any, stream: Stream, steps: int, repeat
 
 
 def optimizer_step(base: torch.nn.Module, repeats: int, steps: int = 3) -> None:
-    """AdamW's step on every parameter of ``base`` with random gradients: foreach (torch's CPU default, what
-    engine.make_optimizer gets) against fused, in interleaved rounds; and how far their weights part after ``steps``."""
+    """AdamW's step on every parameter of ``base`` with random gradients: torch's CPU default (one tensor at a time:
+    what the plain loop, and the engine before, got) against fused (what engine.make_optimizer now gets), in
+    interleaved rounds; and how far their weights part after ``steps``."""
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in base.parameters()]
 
-    def run(**kind: bool) -> tuple[float, list[torch.Tensor]]:
+    def run(kind: str) -> tuple[float, list[torch.Tensor]]:
         params = [p.detach().clone().requires_grad_() for p in base.parameters()]
         for p, g in zip(params, grads):
             p.grad = g.clone()
-        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, **kind)
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, **({"fused": True} if kind == "fused" else {}))
         opt.step()  # the first step allocates the moments
         t0 = time.perf_counter()
         for _ in range(steps):
             opt.step()
         return (time.perf_counter() - t0) / steps, params
 
-    times: dict[str, list[float]] = {"foreach": [], "fused": []}
+    times: dict[str, list[float]] = {"default": [], "fused": []}
     weights: dict[str, list[torch.Tensor]] = {}
     for r in range(repeats):
-        for kind in (("foreach", "fused") if r % 2 == 0 else ("fused", "foreach")):
-            seconds, weights[kind] = run(**{kind: True})
+        for kind in (("default", "fused") if r % 2 == 0 else ("fused", "default")):
+            seconds, weights[kind] = run(kind)
             times[kind].append(seconds)
-    diff = max(float((a - b).detach().abs().max()) for a, b in zip(weights["foreach"], weights["fused"]))
-    ratio = figure([f / e for f, e in zip(times["fused"], times["foreach"])])
-    print(f"optimizer step, fused/foreach AdamW time: {ratio}; foreach {statistics.median(times['foreach']):.3f} s, "
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(weights["default"], weights["fused"]))
+    ratio = figure([f / e for f, e in zip(times["fused"], times["default"])])
+    print(f"optimizer step, fused/default AdamW time: {ratio}; default {statistics.median(times['default']):.3f} s, "
           f"fused {statistics.median(times['fused']):.3f} s per step; max weight difference after {steps + 1} "
           f"steps {diff:.1e}")
+
+
+@torch.no_grad()
+def exact_match_before(model: torch.nn.Module, tok: Any, rows: list[dict], chat: bool, batch: int) -> list[int]:
+    """The exact-match scorer before it stopped early: rows in their given order, each batch generating its longest
+    target's length + 1 tokens for every row (clsuite before f1b93d1)."""
+    hits = []
+    for chunk in _batches(rows, batch):
+        pairs = [encode_pair(tok, e["prompt"], e["target"], chat, 512) for e in chunk]
+        ids, mask = _left_pad([p for p, _ in pairs], _pad_id(tok))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(len(t) for _, t in pairs) + 1,
+                             do_sample=False, pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id)
+        texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        hits += [int(t.strip() == e["target"].strip()) for t, e in zip(texts, chunk)]
+    return hits
+
+
+def exact_match_case(model: torch.nn.Module, tok: Any, n: int, repeats: int, batch: int) -> None:
+    """Greedy exact match on ``n`` arithmetic word problems (the smollm2-mix task, answers as text) through the chat
+    template: the scorer (early stop, batches by length) against exact_match_before, interleaved."""
+    rows = [{"prompt": r["prompt"], "target": r["target"]}
+            for r in DATA_BUILDERS.get("arithmetic_word")(seed=0, n_train=1, n_eval=n)["eval"]]
+    fns = {"now": lambda: exact_match(model, tok, rows, True, 512, batch)["items"],
+           "before": lambda: exact_match_before(model, tok, rows, True, batch)}
+    rates: dict[str, list[float]] = {"now": [], "before": []}
+    hits = {}
+    for i in range(repeats):
+        for side in (("now", "before") if i % 2 == 0 else ("before", "now")):
+            t0 = time.perf_counter()
+            hits[side] = fns[side]()
+            rates[side].append(n / (time.perf_counter() - t0))
+    ratio = figure([a / b for a, b in zip(rates["now"], rates["before"])])
+    print(f"scorer exact match: {statistics.median(rates['now']):.1f} items/s, before "
+          f"{statistics.median(rates['before']):.1f} items/s, ratio {ratio}; {n} arithmetic items, batch {batch}")
+    print(f"agreement exact match: {sum(a == b for a, b in zip(hits['now'], hits['before']))}/{n} items scored "
+          f"alike, score {sum(hits['now']) / n:.3f}")
+
 
 def cloze_items(stream: Stream, n: int) -> list[dict]:
     """The first ``n`` probe items (each probe in turn), choices without their leading space (the delimiter's)."""
@@ -260,6 +298,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (1 repeat, 2 steps, 10 items): a smoke run")
     ap.add_argument("--scorers-only", action="store_true",
                     help="only the optimizer and scorer figures (no training, no run)")
+    ap.add_argument("--long-items", type=int, default=30,
+                    help="BBC items of the long-prompt scorer case (lm-eval takes about 1 s for each)")
     a = ap.parse_args()
     start = time.perf_counter()
     sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured
@@ -267,7 +307,7 @@ def main() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     import lm_eval
     repeats, steps = (1, 2) if a.quick else (a.repeats, a.steps)
-    cloze, long = (10, 10) if a.quick else (262, 60)
+    cloze, long, gen = (10, 10, 10) if a.quick else (262, a.long_items, 40)
     print(f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, lm-eval {lm_eval.__version__}{' (--quick: tiny sizes)' if a.quick else ''}")
     peaks = matmul_peak(3 if a.quick else 10)
@@ -284,6 +324,7 @@ def main() -> None:
     # lm-eval's convention under a chat template (lm_eval/api/task.py: target_delimiter "" unless a gen_prefix is
     # set): most topic names are then two or three tokens, so lm-eval runs one pass per choice
     scorer_case("long prompt", base, tok, rows, topics.chat, repeats, batch, delimiter="")
+    exact_match_case(base, tok, gen, repeats, batch)
     del base
     if not a.scorers_only:
         run_breakdown(stream, 2 if a.quick else None, 10 if a.quick else None)

@@ -39,7 +39,8 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("level, train_mode, keys", [("cheap", True, CHEAP), ("full", False, FULL)])
+@pytest.mark.parametrize("level, train_mode, keys", [("worst", True, {"sharpness_worst"}), ("cheap", True, CHEAP),
+                                                     ("full", False, FULL)])
 def test_measure_sharpness_leaves_model_as_found(ctx, level, train_mode, keys):
     ctx.model.train(train_mode)
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}

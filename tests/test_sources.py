@@ -119,3 +119,20 @@ def test_an_archive_with_other_members_is_a_one_line_error(runs, cli, tmp_path):
     assert f"{fake} cannot be read as a .zip archive" in _one_line_error(*cli("leaderboard", fake, "--out",
                                                                              tmp_path)[::2])
     assert not (tmp_path / "lb").exists()
+
+
+def test_site_and_correlate_read_a_zip_as_the_leaderboard_does(runs, cli, tmp_path):
+    recs = {s: _rec(runs, s, metrics={**_rec(runs, s)["metrics"], "sharpness_worst": 0.1 * (s + 1)}) for s in (0, 1, 2)}
+    z = _zip(tmp_path / "results.zip", {f"tiny-test/naive/seed{s}.json": r for s, r in recs.items()})
+    code, _, err = cli("site", z, "--out", tmp_path / "site")
+    assert code == 0, err
+    copies = [json.loads(p.read_text()) for p in (tmp_path / "site" / "runs").glob("*.json")]
+    assert sorted(c["seed"] for c in copies) == [0, 1, 2]
+    assert all(c["metrics"] == recs[c["seed"]]["metrics"] for c in copies)  # each copy is its archive member
+    code, out, err = cli("correlate", z, "--out", tmp_path / "corr")
+    assert code == 0, err
+    corr = pd.read_csv(tmp_path / "corr" / "correlation.csv")
+    assert set(corr["sharpness"]) == {"sharpness_worst"} and set(corr["n"]) == {3}, corr
+    dup = _zip(tmp_path / "dup.zip", {"a/seed0.json": _rec(runs, 0), "b/seed0.json": _rec(runs, 0)})
+    err = _one_line_error(*cli("site", dup, "--out", tmp_path / "s2")[::2])
+    assert "are both naive seed 0 on tiny-test: give each run once" in err

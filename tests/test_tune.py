@@ -245,6 +245,8 @@ SMALL = {"naive": {"lr": [1.0e-3]}, "sam": {"lr": [1.0e-3]}}
     ({"family": ["sam-naive"]}, "family entry 'sam-naive': write it as 'A - B'"),
     ({"reference": "ewc"}, "reference: 'ewc' is not tuned here"),
     ({"eval": {"split": "test"}}, "eval: split is set by clsuite tune"),
+    ({"test_eval": {"sharpnes": "worst"}}, "test_eval: unknown setting 'sharpnes': did you mean 'sharpness'?"),
+    ({"test_eval": {"sharpness": "wrost"}}, "test_eval: sharpness: Input should be"),
 ])
 def test_bad_grid_is_a_one_line_error(tmp_path, cli, change, message):
     grid = write_grid(tmp_path / "g.yaml", {**grid_doc(strategies=SMALL), **change})
@@ -393,6 +395,16 @@ def test_primary_seeds_go_to_the_rows_the_family_reads_and_secondary_is_apart(tm
     with pytest.raises(UserError, match="tuning_seeds and test_seeds share"):
         tune.run_tune(write_grid(tmp_path / "bad.yaml", {**doc, "primary_seeds": [100]}), tmp_path / "o2",
                       run=Runner())
+
+
+def test_test_eval_measures_sharpness_in_the_test_runs_only(tmp_path):
+    doc = {**grid_doc(strategies={"naive": {"lr": [1e-3]}}), "test_eval": {"sharpness": "worst"}}
+    tune.run_tune(write_grid(tmp_path / "g.yaml", doc), tmp_path / "out", run=Runner())
+    for split, want in (("val", "off"), ("test", "worst")):
+        recs = [read_record(p) for p in find_records([tmp_path / "out" / split])]
+        assert recs and {r.config["eval"]["sharpness"] for r in recs} == {want}
+        assert all(("sharpness" in e) == (split == "test") for r in recs for e in r.experiences)
+    assert {k for r in recs for e in r.experiences for k in e["sharpness"]} == {"sharpness_worst"}
 
 
 # --- 8. joint --------------------------------------------------------------------------------------------------

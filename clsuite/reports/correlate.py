@@ -12,9 +12,9 @@ import numpy as np
 from ..atomic import write_text
 from ..errors import UserError
 from ..metrics import claim_signs
-from ..records import RunRecord, find_records, finite_or_none, read_record, run_sharpness
+from ..records import RunRecord, finite_or_none, run_sharpness
 from ..sharpness import PREFIX
-from .leaderboard import row_label
+from .leaderboard import read_sources, row_label
 from .plots import fmt, scatter_grid
 
 WITHIN_PERMUTATIONS = 10_000  # Monte Carlo permutations (within strategies) for the within-strategy p-value
@@ -95,14 +95,14 @@ def _within_stats(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -
 def correlate(records: Sequence[Path | str | RunRecord], out_dir: Path, n_boot: int = 1000,
               seed: int = 0) -> dict[str, Any]:
     """Spearman (with bootstrap 95% CI) and Pearson correlation of every sharpness scalar with every forgetting
-    metric across complete runs; writes correlation.{csv,md,png} and runs.csv under ``out_dir``."""
+    metric across complete runs (records, files, directories, .zip archives); writes correlation.{csv,md,png} and runs.csv under ``out_dir``."""
     import pandas as pd
     from tabulate import tabulate
     signs = claim_signs()  # metric -> sign of its correlation with sharpness that the claim predicts
     recs: list[RunRecord] = []
     paths = [Path(r) for r in records if not isinstance(r, RunRecord)]
     recs += [r for r in records if isinstance(r, RunRecord)]
-    recs += [read_record(p) for p in find_records(paths)] if paths else []
+    recs += [x.record for x in read_sources(paths)] if paths else []
     complete = [r for r in recs if r.status == "complete"]
     rows = []
     for r in complete:

@@ -104,7 +104,12 @@ def load_sourced(paths: list[Path], prefer: Sequence[str] = ()) -> list[Found]:
     found = read_sources(paths)
     if not found:
         raise UserError(f"no run records under {', '.join(map(str, paths))}: run 'clsuite run' first")
-    kept = _one_per_cell(found, order)
+    return check_found(found, order)
+
+
+def check_found(found: list[Found], prefer: Sequence[str] = ()) -> list[Found]:
+    """``found`` with one record per cell (``prefer``: source order, as given), checked to rank together."""
+    kept = _one_per_cell(found, [str(Path(p)) for p in prefer])
     _check_fingerprints([x.where for x in kept], [x.record for x in kept])
     return kept
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import pandas as pd
 
-from ..atomic import write_dir, write_text
+from ..atomic import write_dir, write_json, write_text
 from ..errors import UserError
 from ..metrics import METRICS, shown_metrics
-from ..records import RunRecord, find_records, read_record, slug
+from ..records import RunRecord, slug
 from ..stats import t_half_width
-from .leaderboard import aggregate, frame, load_records, paired_effects, row_label
+from .leaderboard import aggregate, check_found, frame, paired_effects, read_sources, row_label
 
 MARKER = ".clsuite-site"  # in a site's root: a folder `clsuite site` may replace
 SPLITS = ("test", "val")  # the order splits are listed in
@@ -28,9 +28,9 @@ COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 @dataclass
 class Run:
-    """A record, the file it was read from, and its page's name in the site (``runs/<name>.html``)."""
+    """A record, the file (or ``archive.zip:member``) it was read from, and its page's name (``runs/<name>.html``)."""
     record: RunRecord
-    source: Path
+    source: Path | str
     name: str
 
 
@@ -56,15 +56,16 @@ def _unique(base: str, taken: set[str]) -> str:
 
 
 def load_runs(record_dirs: list[Path]) -> list[Run]:
-    """Every record under ``record_dirs``, checked as a leaderboard checks them, one split at a time."""
-    files = find_records(list(record_dirs))
-    if not files:
+    """Every record under ``record_dirs`` (directories, files, .zip archives), checked as a leaderboard checks them,
+    one split at a time."""
+    found = read_sources(list(record_dirs))
+    if not found:
         raise UserError(f"no run records under {', '.join(map(str, record_dirs))}: run 'clsuite run' first")
-    recs = [read_record(f) for f in files]
-    for split in sorted({r.split for r in recs}):  # each split is a leaderboard of its own
-        load_records([f for f, r in zip(files, recs) if r.split == split])
+    for split in sorted({x.record.split for x in found}):  # each split is a leaderboard of its own
+        check_found([x for x in found if x.record.split == split])
     taken: set[str] = set()
-    order = sorted(zip(files, recs), key=lambda x: (x[1].stream, x[1].strategy, x[1].tag, x[1].split, x[1].seed))
+    order = sorted(((x.where, x.record) for x in found),
+                   key=lambda x: (x[1].stream, x[1].strategy, x[1].tag, x[1].split, x[1].seed))
     return [Run(r, f, _unique(slug(f"{r.stream}-{row_label(r.strategy, r.tag)}-{r.split}-seed{r.seed}"), taken))
             for f, r in order]
 
@@ -515,7 +516,11 @@ def write_site(record_dirs: list[Path], out: Path) -> Path:
                             for name in [f"{pages[stream]}-protocol" + (f"-{k + 1}" if k else "")])
             write_text(tmp / "streams" / f"{pages[stream]}.html", stream_page(stream, stream_runs, proto))
             for run in stream_runs:
-                shutil.copyfile(run.source, tmp / "runs" / f"{run.name}.json")
+                dest = tmp / "runs" / f"{run.name}.json"
+                if isinstance(run.source, Path):
+                    shutil.copyfile(run.source, dest)
+                else:  # an archive member: the record as validated
+                    write_json(dest, run.record.model_dump(mode="json"))
                 write_text(tmp / "runs" / f"{run.name}.html", run_page(run, f"../streams/{pages[stream]}.html"))
         write_text(tmp / "index.html", index_page(streams, pages, {s for _, s in tunes}))
 
