@@ -265,6 +265,9 @@ def main() -> None:
     a = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     if a.merge:
+        missing = [str(p) for p in a.merge if not p.is_file()]
+        if missing:
+            ap.error(f"--merge: no such file {', '.join(missing)}: give the files earlier runs wrote with --json")
         report([json.loads(p.read_text()) for p in a.merge],
                split_specs(a.strategies) if a.strategies != DEFAULT_STRATEGIES else None)
         return
