@@ -141,11 +141,13 @@ def tradeoff_svg(points: list[tuple[str, float, float, float, float]], xlabel: s
                f"{esc(ylabel)}</text>")
     for k, (lab, x, xh, y, yh) in enumerate(pts):
         c, px, py = COLOURS[k % len(COLOURS)], sx(x), sy(y)
+        right = px < (L + W - R) / 2  # the label on the side with room: it never leaves the figure
         out.append(f'<g class="point"><title>{esc(lab)}: {x:.3f} ± {xh:.3f}, {y:.3f} ± {yh:.3f}</title>'
                    f'<line x1="{sx(x - xh):.1f}" y1="{py:.1f}" x2="{sx(x + xh):.1f}" y2="{py:.1f}" stroke="{c}"/>'
                    f'<line x1="{px:.1f}" y1="{sy(y - yh):.1f}" x2="{px:.1f}" y2="{sy(y + yh):.1f}" stroke="{c}"/>'
                    f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="{c}"/>'
-                   f'<text x="{px + 6:.1f}" y="{py - 6 - 11 * (k % 3):.1f}" class="label">{esc(lab)}</text></g>')
+                   f'<text x="{px + (6 if right else -6):.1f}" y="{py - 6 - 11 * (k % 3):.1f}" class="label" '
+                   f'text-anchor="{"start" if right else "end"}">{esc(lab)}</text></g>')
     return "".join(out) + "</svg>"
 
 
