@@ -95,7 +95,8 @@ def _within_stats(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -
 def correlate(records: Sequence[Path | str | RunRecord], out_dir: Path, n_boot: int = 1000,
               seed: int = 0) -> dict[str, Any]:
     """Spearman (with bootstrap 95% CI) and Pearson correlation of every sharpness scalar with every forgetting
-    metric across complete runs (records, files, directories, .zip archives); writes correlation.{csv,md,png} and runs.csv under ``out_dir``."""
+    metric across complete runs (records, files, directories, .zip archives); writes correlation.{csv,md,png} and
+    runs.csv under ``out_dir``."""
     import pandas as pd
     from tabulate import tabulate
     signs = claim_signs()  # metric -> sign of its correlation with sharpness that the claim predicts
