@@ -2,12 +2,13 @@
 SAM variants against naive, scorer throughput against lm-eval's HFLM, exact match before and after its early stop,
 and one smollm2-bbc run timed by phase. Each figure is the median of interleaved repeats, its min-max beside it.
 
-    python perf/real_model.py [--repeats 3] [--steps 4] [--threads 2] [--long-items 30] [--quick]
+    python perf/real_model.py [--repeats 3] [--steps 4] [--threads 2] [--long-items 16] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import logging
 import random
 import statistics
@@ -213,8 +214,9 @@ def exact_match_case(model: torch.nn.Module, tok: Any, n: int, repeats: int, bat
 
 
 def cloze_items(stream: Stream, n: int) -> list[dict]:
-    """The first ``n`` probe items (each probe in turn), choices without their leading space (the delimiter's)."""
-    rows = [r for p in stream.probes for r in p.eval][:n]
+    """``n`` probe items taken from the probes in turn (round robin), choices without their leading space (the
+    delimiter's)."""
+    rows = [r for group in itertools.zip_longest(*(p.eval for p in stream.probes)) for r in group if r is not None][:n]
     return [{"prompt": r["prompt"], "choices": [c.removeprefix(" ") for c in r["choices"]]} for r in rows]
 
 
@@ -298,8 +300,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (1 repeat, 2 steps, 10 items): a smoke run")
     ap.add_argument("--scorers-only", action="store_true",
                     help="only the optimizer and scorer figures (no training, no run)")
-    ap.add_argument("--long-items", type=int, default=30,
+    ap.add_argument("--long-items", type=int, default=16,
                     help="BBC items of the long-prompt scorer case (lm-eval takes about 1 s for each)")
+    ap.add_argument("--cloze-items", type=int, default=200, help="probe items of the short cloze scorer case")
+    ap.add_argument("--exact-items", type=int, default=24, help="arithmetic items of the exact-match case")
     a = ap.parse_args()
     start = time.perf_counter()
     sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured
@@ -307,28 +311,43 @@ def main() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     import lm_eval
     repeats, steps = (1, 2) if a.quick else (a.repeats, a.steps)
-    cloze, long, gen = (10, 10, 10) if a.quick else (262, a.long_items, 40)
+    cloze, long, gen = (10, 10, 10) if a.quick else (a.cloze_items, a.long_items, a.exact_items)
     print(f"torch threads {torch.get_num_threads()}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, lm-eval {lm_eval.__version__}{' (--quick: tiny sizes)' if a.quick else ''}")
+    sections: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
+    def done(name: str) -> None:  # the seconds since the last section ended, under ``name``
+        now = time.perf_counter()
+        sections[name], mark[0] = now - mark[0], now
+
     peaks = matmul_peak(3 if a.quick else 10)
     print(f"matmul peak: {figure(peaks, '{:.1f}', ' GFLOP/s')}")
     stream = load_stream("smollm2-bbc")
     base, tok = load_model(stream.model)
+    done("peak and load")
     if not a.scorers_only:
         training(base, tok, stream, steps, repeats, statistics.median(peaks))
+        done("training")
     optimizer_step(base, repeats)
+    done("optimizer")
     batch = stream.eval.get("batch_size", 16)
     scorer_case("short cloze", base, tok, cloze_items(stream, cloze), False, repeats, batch)
+    done("short cloze")
     topics = stream.tasks[0]
     rows = [{"prompt": r["prompt"], "choices": r["choices"]} for r in topics.eval.select(range(long))]
     # lm-eval's convention under a chat template (lm_eval/api/task.py: target_delimiter "" unless a gen_prefix is
     # set): most topic names are then two or three tokens, so lm-eval runs one pass per choice
     scorer_case("long prompt", base, tok, rows, topics.chat, repeats, batch, delimiter="")
+    done("long prompt")
     exact_match_case(base, tok, gen, repeats, batch)
+    done("exact match")
     del base
     if not a.scorers_only:
         run_breakdown(stream, 2 if a.quick else None, 10 if a.quick else None)
-    print(f"harness wall time: {time.perf_counter() - start:.0f} s")
+        done("run breakdown")
+    print(f"harness wall time: {time.perf_counter() - start:.0f} s ("
+          + ", ".join(f"{k} {v:.0f} s" for k, v in sections.items()) + ")")
 
 
 if __name__ == "__main__":
