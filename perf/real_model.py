@@ -2,7 +2,8 @@
 SAM variants against naive, scorer throughput against lm-eval's HFLM, exact match before and after its early stop,
 and one smollm2-bbc run timed by phase. Each figure is the median of interleaved repeats, its min-max beside it.
 
-    python perf/real_model.py [--repeats 3] [--steps 4] [--threads 2] [--long-items 16] [--quick]
+    python perf/real_model.py [--repeats 3] [--steps 4] [--threads 2] [--cloze-items 200] [--long-items 16]
+        [--exact-items 24] [--scorers-only] [--quick]
 """
 from __future__ import annotations
 
