@@ -30,13 +30,14 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def initial_key(model: torch.nn.Module, tok: Any, stream: Any, eval_config: Any) -> str:
-    """The hash that identifies row 0 of ``stream`` evaluated on ``model`` and ``tok`` with ``eval_config``."""
+def initial_key(model: torch.nn.Module, tok: Any, stream: Any, eval_config: Any, weights: str | None = None) -> str:
+    """The hash that identifies row 0 of ``stream`` evaluated on ``model`` and ``tok`` with ``eval_config``
+    (``weights``: the model's ``weights_digest`` when already known)."""
     settings = eval_config.model_dump(exclude={"sharpness", "sharpness_examples"})  # not part of row 0
     tokenizer = {"vocab": tok.get_vocab(), "template": getattr(tok, "chat_template", None),
                  "special": tok.special_tokens_map}
     data = {"format": 2,  # 2: rows keep per-item results
-            "weights": weights_digest(model), "eval": settings, "chat": stream.chat,
+            "weights": weights or weights_digest(model), "eval": settings, "chat": stream.chat,
             "tokenizer": digest(tokenizer, 64),
             "tasks": [eval_set(t) for t in stream.tasks], "probes": [eval_set(p) for p in stream.probes],
             "scoring": [scorer_settings(t) for t in stream.tasks + stream.probes]}

@@ -21,6 +21,17 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _cpu() -> str | None:
+    """The CPU's model name (Linux), which decides the float rounding of CPU kernels."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def provenance() -> dict[str, Any]:
     import torch
     versions = {}
@@ -38,6 +49,7 @@ def provenance() -> dict[str, Any]:
         "hardware": {
             "platform": platform.platform(),
             "machine": platform.machine(),
+            "cpu": _cpu(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -13,7 +13,7 @@ from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, remove_chec
 from .config import RunConfig
 from .engine import Context, RunHooks, run_stream, set_seed
 from .errors import DivergenceError, UserError
-from .evalcache import cache_path, initial_key, load_initial, save_initial
+from .evalcache import cache_path, initial_key, load_initial, save_initial, weights_digest
 from .fingerprint import FingerprintMismatch, describe, stale_parts
 from .memory import prepare_model
 from .models import load_model
@@ -108,13 +108,14 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
     with dist.main_first():  # a model built and cached on first use is built once
         model, tok = load_model(cfg.model)
     prepare_model(model, cfg.train)  # bf16 weights, activation checkpointing: before row 0 and its cache key
+    base = weights_digest(model) if dist.is_main() else None  # recorded: a model built on first use may differ by machine
     if not sharding.sharded(cfg):  # under fsdp, fully_shard moves each rank's shards there
         model.to(dist.device())  # this rank's GPU under nccl, the CPU under gloo; one process: the GPU if any
     ctx = Context(model, tok, stream, cfg, plugins, random.Random(cfg.seed))
     record = new_record(cfg, stream, tag, fp)
     cache = None  # row 0 is shared by every strategy and seed: evaluated once per weights and eval settings
     if ckpt is None and dist.is_main():
-        cache = cache_path(out, cfg.stream, initial_key(model, tok, stream, cfg.eval))
+        cache = cache_path(out, cfg.stream, initial_key(model, tok, stream, cfg.eval, base))
 
     def checkpoint(result: dict[str, Any]) -> None:  # not after the last experience: the record follows at once
         if len(result["experiences"]) < len(stream.tasks):  # rank 0 writes; a failure there reaches every rank
@@ -128,7 +129,7 @@ def run_one(stream: Stream, cfg: RunConfig, out: Path, progress: bool = True, fo
 
     def write(done: dict[str, Any]) -> None:  # rank 0's: the record, then the checkpoint goes (never neither)
         write_json(path, {**done, "world_size": dist.world_size(), **sharding.record_fields(cfg),
-                          "provenance": provenance(), "wall_seconds": time.perf_counter() - t0})
+                          "provenance": {**provenance(), "base_weights": base}, "wall_seconds": time.perf_counter() - t0})
         remove_checkpoint(ckpt_dir)
 
     def finish(result: dict[str, Any]) -> None:

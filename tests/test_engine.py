@@ -22,6 +22,9 @@ def test_record_is_complete(naive_record):
     assert set(r.metrics) >= {"acc", "bwt", "fwt", "forgetting", "plasticity", "probe_retention", "probe_fg"}
     assert r.cost["compute_multiplier"] == 1.0
     assert r.provenance["versions"]["torch"] and "hardware" in r.provenance
+    from clsuite.evalcache import weights_digest
+    from clsuite.models import load_model
+    assert r.provenance["base_weights"] == weights_digest(load_model(r.model)[0])  # what it started from
     assert [e["task"] for e in r.experiences] == ["addition", "reversal"]
     assert all(e["tokens"] > 0 and e["train_seconds"] > 0 for e in r.experiences)
     assert r.config["train"]["steps"] == 3

@@ -75,6 +75,23 @@ def test_splits_of_one_stream_are_not_ranked_together(tmp_path):
     assert [r.split for r in load_records([tmp_path / "val"])[0]] == ["val"]
 
 
+def test_records_from_other_base_weights_are_not_ranked_together(tmp_path):
+    import pytest
+
+    from clsuite.atomic import write_json as atomic_write_json
+    from clsuite.errors import UserError
+    from clsuite.reports.leaderboard import load_records
+    for seed, base in ((0, "a" * 64), (1, None), (2, "a" * 64)):  # a record of before the field carries none
+        atomic_write_json(tmp_path / f"seed{seed}.json", {**_rec("naive", seed, 0.2, 0.5).model_dump(),
+                                                         "provenance": {"base_weights": base}})
+    assert len(load_records([tmp_path])[0]) == 3
+    atomic_write_json(tmp_path / "seed3.json", {**_rec("naive", 3, 0.2, 0.5).model_dump(),
+                                               "provenance": {"base_weights": "b" * 64}})
+    with pytest.raises(UserError, match=r"seed3.json started from other base weights \(aaaaaaaaaaaa and bbbbbbbbbbbb\) "
+                                        r"on s: rebuild the model"):
+        load_records([tmp_path])
+
+
 def test_retention_by_probe_category():
     r = _rec("naive", 0, 0.5, 0.1).model_copy(update={
         "probes": ["capitals", "currencies", "grammar"],

@@ -156,6 +156,7 @@ def _check_fingerprints(files: list[Path | str], recs: list[RunRecord]) -> None:
     stream, one config per row; a record of an older schema must be migrated (or re-run) first."""
     first: dict[tuple, tuple[Path | str, RunRecord, dict]] = {}
     splits: dict[str, tuple[Path | str, str]] = {}
+    bases: dict[str, tuple[Path | str, str]] = {}
     for f, r in zip(files, recs):
         if r.schema_version != SCHEMA_VERSION:
             how = f"'clsuite migrate {f.parent}'" if isinstance(f, Path) else "'clsuite migrate' on it unzipped"
@@ -165,6 +166,12 @@ def _check_fingerprints(files: list[Path | str], recs: list[RunRecord]) -> None:
         if split != r.split:
             raise UserError(f"{f0} scored the {split} split and {f} the {r.split} split of {r.stream}: a leaderboard "
                             "reports one split (test); rank them apart")
+        if base := r.provenance.get("base_weights"):  # records made before it was recorded carry none
+            f0, base0 = bases.setdefault(r.stream, (f, base))
+            if base0 != base:
+                raise UserError(f"{f0} and {f} started from other base weights ({base0[:12]} and {base[:12]}) on "
+                                f"{r.stream}: rebuild the model where the others were made, re-run one group, or rank "
+                                "them apart")
         fp = {**r.fingerprint, "config": config_digest(r.config)}  # its config validated: new settings at defaults
         for key, parts in (((r.stream,), [p for p in PARTS if p != "config"]),
                            ((r.stream, r.strategy, r.tag), ["config"])):
