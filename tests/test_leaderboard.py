@@ -1,6 +1,11 @@
-import pandas as pd
+import re
 
-from clsuite.reports.leaderboard import aggregate, frame, to_markdown
+import pandas as pd
+import pytest
+
+from clsuite.atomic import write_json as atomic_write_json
+from clsuite.errors import UserError
+from clsuite.reports.leaderboard import aggregate, frame, load_records, to_markdown
 from clsuite.fingerprint import PARTS
 from clsuite.records import SCHEMA_VERSION, RunRecord
 
@@ -46,10 +51,6 @@ def test_paired_effect_of_sam():
 
 
 def test_duplicate_cells_are_refused(tmp_path):
-    import pytest
-    from clsuite.errors import UserError
-    from clsuite.reports.leaderboard import load_records
-    from clsuite.atomic import write_json as atomic_write_json
     rec = _rec("naive", 0, 0.2, 0.5).model_dump()
     atomic_write_json(tmp_path / "a" / "seed0.json", rec)
     atomic_write_json(tmp_path / "b" / "seed0.json", rec)
@@ -59,13 +60,6 @@ def test_duplicate_cells_are_refused(tmp_path):
 
 
 def test_splits_of_one_stream_are_not_ranked_together(tmp_path):
-    import re
-
-    import pytest
-
-    from clsuite.atomic import write_json as atomic_write_json
-    from clsuite.errors import UserError
-    from clsuite.reports.leaderboard import load_records
     test, val = tmp_path / "test" / "seed0.json", tmp_path / "val" / "seed1.json"
     atomic_write_json(test, _rec("naive", 0, 0.2, 0.5).model_dump())
     atomic_write_json(val, {**_rec("naive", 1, 0.4, 0.3).model_dump(), "split": "val"})
@@ -76,11 +70,6 @@ def test_splits_of_one_stream_are_not_ranked_together(tmp_path):
 
 
 def test_records_from_other_base_weights_are_not_ranked_together(tmp_path):
-    import pytest
-
-    from clsuite.atomic import write_json as atomic_write_json
-    from clsuite.errors import UserError
-    from clsuite.reports.leaderboard import load_records
     for seed, base in ((0, "a" * 64), (1, None), (2, "a" * 64)):  # a record of before the field carries none
         atomic_write_json(tmp_path / f"seed{seed}.json", {**_rec("naive", seed, 0.2, 0.5).model_dump(),
                                                          "provenance": {"base_weights": base}})
