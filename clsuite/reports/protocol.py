@@ -136,7 +136,8 @@ def main_table(rows: list[Row], selection: dict[str, Any], role: str = "selected
         cells += [_boot(recs, None, "probe_retention"), _boot(recs, None, "forgetting")]
         table.append(cells)
         csv.append({"table": role, "strategy": r.name, "setting": _setting(r), "lr_at_grid_edge": bool(edge),
-                    "n": len(recs), **{m: float(np.nanmean(v)) if recs else math.nan for m, v in vals.items()}})
+                    "n": len(recs), **{m: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+                                        for m, v in vals.items()}})  # a metric no run has (BWT of one task): NaN
     head = ["strategy", "setting", "n"] + [f"{m} {_arrow(m)} (95% CI)" for m in SHOWN] + [
         "probe_retention items+seeds", "forgetting items+seeds"]
     return tabulate(table, headers=head, tablefmt="github", disable_numparse=True), csv
